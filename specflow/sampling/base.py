@@ -1,0 +1,102 @@
+"""The sampler shell shared by every algorithm: option validation, input checks, the grid, timing, stats.
+
+A sampler holds its options (dataclass fields) and any learned bandit state, never a model. Subclasses
+implement ``_run`` — the algorithm itself, on one screen — and register a name with ``@register``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from specflow.path import time_grid
+from specflow.sampling.noise import Generators
+from specflow.sampling.stats import Evaluator, SampleResult, SampleStats
+
+SAMPLERS: dict[str, type["Sampler"]] = {}
+
+
+def register(cls):
+    SAMPLERS[cls.name] = cls
+    return cls
+
+
+@dataclasses.dataclass
+class Sampler:
+    """Base options: ``steps`` (N grid intervals) and the time ``schedule`` ("uniform" | "quadratic")."""
+
+    name: ClassVar[str] = "base"
+    needs_draft: ClassVar[bool] = False
+    steps: int = 100
+    schedule: str = "uniform"
+
+    def __post_init__(self):
+        time_grid(self.steps, schedule=self.schedule)  # validates steps and schedule early
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def sample(self, model, noise: Tensor, cond: Tensor | None = None, draft=None,
+               generator: Generators = None) -> SampleResult:
+        """Integrate ``model`` from ``noise`` at t = 0 to data at t = 1 on this sampler's grid."""
+        if not isinstance(noise, Tensor) or noise.ndim < 2 or not noise.is_floating_point():
+            raise ValueError(f"noise must be a floating tensor shaped (B, ...), got "
+                             f"{tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__}")
+        B = noise.shape[0]
+        if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != B):
+            got = tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__
+            raise ValueError(f"cond must have one row per sample: noise has batch {B}, cond is {got}")
+        if not bool(torch.isfinite(noise).all()):
+            raise ValueError("noise contains NaN/Inf; draw it with torch.randn (or specflow.sampling.noise.randn)")
+        if not isinstance(generator, (torch.Generator, type(None))) and len(generator) != B:
+            raise ValueError(f"got {len(generator)} per-sample generators for a batch of {B}; pass one per sample")
+        if self.needs_draft and draft is None:
+            raise ValueError(f"sampler {self.name!r} with these options needs a draft network: "
+                             f"call sample(..., draft=...) (see specflow.load_draft)")
+        stats = SampleStats(baseline_steps=self.steps)
+        target = Evaluator(model, cond, B, stats, "target")
+        drafter = Evaluator(draft, cond, B, stats, "draft") if draft is not None else None
+        grid = time_grid(self.steps, device=noise.device, dtype=torch.float64, schedule=self.schedule)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            x = self._run(target, noise, grid, drafter, generator, stats)
+        if noise.is_cuda:
+            torch.cuda.synchronize(noise.device)
+        stats.wall_time_s = time.perf_counter() - t0
+        target.finish()
+        if drafter is not None:
+            drafter.finish()
+        if stats.proposed:
+            stats.acceptance_rate = stats.accepted / stats.proposed
+        return SampleResult(samples=x, stats=stats)
+
+    def _run(self, f: Evaluator, x: Tensor, grid: Tensor, draft: Evaluator | None,
+             generator: Generators, stats: SampleStats) -> Tensor:
+        raise NotImplementedError
+
+    # Learned state (bandits). Stateless samplers have none.
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"sampler {self.name!r} has no learned state, got keys {sorted(state)}")
+
+
+def build_sampler(name: str, steps: int = 100, **options) -> Sampler:
+    """``build_sampler("speculative", steps=100, drafter="extrapolate", window=8)``.
+
+    Unknown names and options are a ValueError that lists the valid ones.
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(sorted(SAMPLERS))}")
+    cls = SAMPLERS[name]
+    valid = cls.option_names()
+    bad = sorted(set(options) - set(valid))
+    if bad:
+        raise ValueError(f"unknown option(s) {bad} for sampler {name!r}; valid: {', '.join(valid)}")
+    return cls(steps=steps, **options)

@@ -1,0 +1,87 @@
+"""What a sampling run cost, counted honestly for the whole batch (DESIGN.md §3)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SampleStats:
+    """Counts for one ``sample()`` call.
+
+    sequential_nfe: target forward calls on the critical path (one batched call = 1): GPU latency.
+    total_nfe:      target rows evaluated / batch size: compute per sample.
+    draft_nfe:      draft rows evaluated / batch size.
+    acceptance_rate: accepted / proposed draft steps, summed over samples (nan if nothing was proposed).
+    """
+
+    sequential_nfe: int = 0
+    total_nfe: float = 0.0
+    draft_nfe: float = 0.0
+    acceptance_rate: float = math.nan
+    proposed: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    wall_time_s: float = 0.0
+    baseline_steps: int = 0
+    arm_counts: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        arms = d.pop("arm_counts")
+        d.update({f"arm_{k}": int(v) for k, v in sorted(arms.items())})
+        return d
+
+
+@dataclass
+class SampleResult:
+    samples: Tensor
+    stats: SampleStats
+
+
+class Evaluator:
+    """Calls a velocity model on some rows of the batch, checks what comes back, and counts it.
+
+    Every target (or draft) forward goes through here, so the stats cannot drift from the truth.
+    """
+
+    def __init__(self, model, cond: Tensor | None, batch: int, stats: SampleStats, kind: str = "target"):
+        self.model, self.cond, self.batch, self.stats, self.kind = model, cond, batch, stats, kind
+        self.calls, self.rows = 0, 0
+
+    def __call__(self, x: Tensor, t: Tensor, rows: Tensor | None = None, *, step: int | None = None) -> Tensor:
+        """v = model(x, t, cond[rows]); ``rows`` maps each row of x to its sample (default: all, in order)."""
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        cond = self.cond
+        if cond is not None and rows is not None:
+            cond = cond[rows]
+        v = self.model(x, t.to(x.dtype), cond) if cond is not None else self.model(x, t.to(x.dtype))
+        self.calls += 1
+        self.rows += x.shape[0]
+        if not isinstance(v, Tensor) or v.shape != x.shape:
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(
+                f"{self.kind} model returned {got} for input {tuple(x.shape)} at step {step}, "
+                f"t={_fmt_t(t)}; a velocity model must return a tensor shaped like x")
+        v = v.to(x.dtype)
+        if not bool(torch.isfinite(v).all()):
+            raise FloatingPointError(
+                f"{self.kind} model returned NaN/Inf at step {step}, t={_fmt_t(t)}; check the checkpoint "
+                f"(was training stable?) and the input noise, or run in float32 instead of half precision")
+        return v
+
+    def finish(self) -> None:
+        if self.kind == "target":
+            self.stats.sequential_nfe += self.calls
+            self.stats.total_nfe += self.rows / self.batch
+        else:
+            self.stats.draft_nfe += self.rows / self.batch
+
+
+def _fmt_t(t: Tensor) -> str:
+    t = t.detach().flatten().float().cpu()
+    return f"{t[0].item():.4f}" if bool((t == t[0]).all()) else f"[{t.min().item():.4f}..{t.max().item():.4f}]"
