@@ -1,0 +1,91 @@
+"""Drafters: cheap guesses of the target's velocity at states the target has not evaluated yet.
+
+One small protocol serves the exact speculative sampler and the deterministic leap samplers (sfm, rca):
+
+    d = make_drafter("extrapolate"); d.reset(x)            # per-sample buffers for a batch like x
+    d.observe(rows, x, t, v)                               # a paid target evaluation at (x, t) for those rows
+    v_hat = d(y, s, rows, j, net)                          # draft velocity at drafted state y, time s,
+                                                           # j-th step of the current window
+Drafters work in x1_hat space (the predicted data changes slowly along the path, the velocity does not):
+v̂(y, s) = (x̂1(s) − y) / (1 − s). Drafted states are never at s = 1 (a velocity is read at a step's start).
+``net`` is the draft-network Evaluator for drafters that need one (``needs_network``), else None.
+New drafters (the trained ``model`` and ``medusa`` ones) register with ``@register_drafter``.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from specflow.path import expand, x1_hat
+
+DRAFTERS: dict[str, type["Drafter"]] = {}
+
+
+def register_drafter(cls):
+    DRAFTERS[cls.name] = cls
+    return cls
+
+
+def make_drafter(name: str) -> "Drafter":
+    if name not in DRAFTERS:
+        raise ValueError(f"unknown drafter {name!r}; valid: {', '.join(sorted(DRAFTERS))}")
+    return DRAFTERS[name]()
+
+
+class Drafter:
+    name = "base"
+    needs_network = False
+
+    def reset(self, like: Tensor) -> None:
+        B = like.shape[0]
+        self.x1 = like.new_zeros(like.shape)  # latest target x1_hat per sample
+        self.t = like.new_zeros(B, dtype=like.dtype)
+        self.x1_prev = like.new_zeros(like.shape)
+        self.t_prev = like.new_zeros(B, dtype=like.dtype)
+        self.n_obs = like.new_zeros(B, dtype=like.dtype)
+
+    def observe(self, rows: Tensor, x: Tensor, t: Tensor, v: Tensor) -> None:
+        self.x1_prev[rows], self.t_prev[rows] = self.x1[rows], self.t[rows]
+        self.x1[rows], self.t[rows] = x1_hat(x, t.to(x.dtype), v), t.to(x.dtype)
+        self.n_obs[rows] += 1
+
+    def predict_x1(self, s: Tensor, rows: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, y: Tensor, s: Tensor, rows: Tensor, j: int, net=None) -> Tensor:
+        s = s.to(y.dtype)
+        return (self.predict_x1(s, rows) - y) / (1 - expand(s, y))
+
+
+@register_drafter
+class Frozen(Drafter):
+    """Reuse the last target prediction of the data (training-free, De Bortoli et al. 2025)."""
+
+    name = "frozen"
+
+    def predict_x1(self, s, rows):
+        return self.x1[rows]
+
+
+@register_drafter
+class Extrapolate(Drafter):
+    """First-order finite difference in t of the last two target x1_hat predictions (frozen until two exist)."""
+
+    name = "extrapolate"
+
+    def predict_x1(self, s, rows):
+        x1, t = self.x1[rows], self.t[rows]
+        dt = t - self.t_prev[rows]
+        ok = (self.n_obs[rows] >= 2) & (dt > 0)
+        slope = (x1 - self.x1_prev[rows]) / expand(dt.clamp_min(1e-12), x1)
+        return x1 + expand(ok.to(x1.dtype) * (s - t), x1) * slope
+
+
+@register_drafter
+class Model(Drafter):
+    """A small distilled velocity network passed as ``sample(..., draft=net)``."""
+
+    name = "model"
+    needs_network = True
+
+    def __call__(self, y, s, rows, j, net=None):
+        return net(y, s.to(y.dtype), rows, step=j)
