@@ -20,8 +20,8 @@ __all__ = [
 def expand(t: Tensor | float, x: Tensor) -> Tensor:
     """``t`` as a tensor on ``x``'s device/dtype, shaped to broadcast against ``x`` (B, 1, 1, ...)."""
     t = torch.as_tensor(t, device=x.device, dtype=x.dtype)
-    if t.ndim == 0:
-        return t
+    if t.ndim == 0 or (t.ndim == x.ndim and t.shape[0] in (1, x.shape[0]) and t.numel() == t.shape[0]):
+        return t  # a scalar, or already expanded
     if t.ndim != 1 or t.shape[0] != x.shape[0]:
         raise ValueError(f"t must be a scalar or shaped (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
     return t.view(-1, *([1] * (x.ndim - 1)))
@@ -79,9 +79,11 @@ def transition_std(t: Tensor | float, s: Tensor | float, eta: float = 1.0) -> Te
     Depends only on (t, s), never on x or the model: that is what makes reflection coupling exact.
     Edges: t = 0 gives c = η·σ_s; s = 1 gives c = 0 exactly.
     """
-    t = torch.as_tensor(t)
-    s = torch.as_tensor(s, dtype=t.dtype if t.is_floating_point() else torch.float64, device=t.device)
-    t = t.to(s.dtype)
+    # Python floats are taken in float64; tensors keep their dtype (the wider of the two).
+    t = t if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.float64)
+    s = s if isinstance(s, torch.Tensor) else torch.tensor(s, dtype=torch.float64, device=t.device)
+    dtype = torch.promote_types(t.dtype, s.dtype)
+    t, s = t.to(dtype), s.to(dtype)
     sig_s, sig_t = 1 - s, 1 - t
     # alpha_s > alpha_t >= 0 and sigma_t > sigma_s >= 0, so the ratio lies in [0, 1]; the clamps only
     # absorb rounding, and the where() keeps s = 1 (sigma_s = 0) from dividing 0 by 0.

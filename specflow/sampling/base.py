@@ -52,7 +52,11 @@ class Sampler:
             raise ValueError(f"cond must have one row per sample: noise has batch {B}, cond is {got}")
         if not bool(torch.isfinite(noise).all()):
             raise ValueError("noise contains NaN/Inf; draw it with torch.randn (or specflow.sampling.noise.randn)")
-        if not isinstance(generator, (torch.Generator, type(None))) and len(generator) != B:
+        if not (generator is None or isinstance(generator, torch.Generator) or (
+                isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator))):
+            raise ValueError(f"generator must be None, a torch.Generator or a list of them (one per sample), "
+                             f"got {type(generator).__name__}")
+        if isinstance(generator, (list, tuple)) and len(generator) != B:
             raise ValueError(f"got {len(generator)} per-sample generators for a batch of {B}; pass one per sample")
         if self.needs_draft and draft is None:
             raise ValueError(f"sampler {self.name!r} with these options needs a draft network: "
