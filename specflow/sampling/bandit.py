@@ -1,0 +1,170 @@
+"""A small contextual multi-armed bandit: arms are step counts (leap/window/skip lengths), the context is a
+time bucket. Shared by the exact speculative sampler's adaptive window, sfm's leap and fastflow's skip.
+
+    b = Bandit(arms=(1, 2, 4, 8), contexts=4, policy="ucb1", seed=0)
+    L = b.select(time_bucket(t, 4))          # (B,) arm VALUES, one per context in the batch
+    b.update(ctx, L, reward)                 # credit each reward to the (context, arm) that earned it
+
+Policies (rewards are "larger is better"; their scale is learnt, not assumed):
+- ``ucb1``: every arm of a context is tried once first (lowest arm first), then
+      argmax_a  mean_a + c·R·sqrt(2·ln n / n_a),
+  n = pulls in the context, n_a = pulls of arm a there, R = max − min of all rewards seen so far (1 until
+  two distinct rewards exist). UCB1's bound assumes rewards in [0, 1]; scaling the exploration term by the
+  running range R makes it invariant to the reward's units (steps per call, NFE saved minus an error, …).
+  Ties break to the lowest arm (torch.argmax returns the first maximum), so UCB1 is deterministic.
+- ``thompson``: Gaussian Thompson sampling. After the same try-each-arm-once start, each row draws
+      θ_a ~ N(mean_a, s_a² / n_a)
+  with s_a² the arm's sample variance (for n_a = 1, the context's pooled variance, else R²; floored at
+  1e-6·R² so a lucky constant arm keeps some doubt), and picks argmax θ_a. Draws come from the bandit's
+  own seeded ``torch.Generator``, whose state is part of ``state_dict()``: same seed → same choices.
+
+The statistics live on the CPU in float64 (they are tiny); ``select`` returns arms on the context's device.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+POLICIES = ("ucb1", "thompson")
+
+
+def time_bucket(t: Tensor, buckets: int) -> Tensor:
+    """Context index of times t ∈ [0, 1]: floor(t·buckets), with t = 1 in the last bucket. LongTensor like t."""
+    if not isinstance(buckets, int) or isinstance(buckets, bool) or buckets < 1:
+        raise ValueError(f"buckets must be an integer >= 1, got {buckets!r}")
+    t = torch.as_tensor(t)
+    return (t.to(torch.float64) * buckets).floor().long().clamp(0, buckets - 1)
+
+
+def _check_arms(arms) -> tuple[int, ...]:
+    try:
+        arms = tuple(int(a) for a in arms)
+    except TypeError:
+        raise ValueError(f"arms must be a sequence of integers, got {arms!r}") from None
+    if not arms:
+        raise ValueError("arms is empty; give at least one step count, e.g. arms=(1, 2, 4, 8)")
+    if any(a < 0 for a in arms):
+        raise ValueError(f"arms must be step counts >= 0, got {arms}")
+    if list(arms) != sorted(set(arms)):
+        raise ValueError(f"arms must be strictly increasing without duplicates, got {arms}; "
+                         f"e.g. {tuple(sorted(set(arms)))}")
+    return arms
+
+
+class Bandit:
+    """UCB1 / Gaussian-Thompson bandit over integer ``arms`` with ``contexts`` independent contexts.
+
+    ``arms`` must be sorted, distinct and positive (a caller whose arm 0 is meaningful, such as a skip length
+    of zero, uses ``allow_zero=True``). ``c`` is the UCB exploration constant (in units of the reward range).
+    """
+
+    def __init__(self, arms: Sequence[int], contexts: int = 1, policy: str = "ucb1", seed: int = 0,
+                 c: float = 1.0, allow_zero: bool = False):
+        self.arms = _check_arms(arms)
+        if not allow_zero and self.arms[0] < 1:
+            raise ValueError(f"arms must be positive step counts, got {self.arms}")
+        if policy not in POLICIES:
+            raise ValueError(f"unknown bandit policy {policy!r}; valid: {', '.join(POLICIES)}")
+        if not isinstance(contexts, int) or isinstance(contexts, bool) or contexts < 1:
+            raise ValueError(f"contexts must be an integer >= 1, got {contexts!r}")
+        if not c >= 0:
+            raise ValueError(f"exploration constant c must be >= 0, got {c}")
+        self.contexts, self.policy, self.seed, self.c = contexts, policy, int(seed), float(c)
+        K, A = contexts, len(self.arms)
+        self.n = torch.zeros(K, A, dtype=torch.float64)  # pulls
+        self.s1 = torch.zeros(K, A, dtype=torch.float64)  # sum of rewards
+        self.s2 = torch.zeros(K, A, dtype=torch.float64)  # sum of squared rewards
+        self.r_min, self.r_max = math.inf, -math.inf
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self._values = torch.tensor(self.arms, dtype=torch.long)
+
+    @property
+    def counts(self) -> Tensor:
+        """Pulls per (context, arm), (contexts, arms), int64."""
+        return self.n.long()
+
+    @property
+    def means(self) -> Tensor:
+        return self.s1 / self.n.clamp_min(1)
+
+    def best(self) -> Tensor:
+        """The arm value with the highest mean reward per context (untried arms count as -inf)."""
+        m = torch.where(self.n > 0, self.means, torch.full_like(self.means, -math.inf))
+        return self._values[m.argmax(1)]
+
+    def _range(self) -> float:
+        R = self.r_max - self.r_min
+        return R if math.isfinite(R) and R > 0 else 1.0
+
+    def _check_context(self, context: Tensor) -> Tensor:
+        ctx = torch.as_tensor(context).long().reshape(-1).cpu()
+        if ctx.numel() and (int(ctx.min()) < 0 or int(ctx.max()) >= self.contexts):
+            raise ValueError(f"context indices must lie in [0, {self.contexts}), got "
+                             f"[{int(ctx.min())}, {int(ctx.max())}]")
+        return ctx
+
+    def select(self, context: Tensor) -> Tensor:
+        """One arm VALUE per entry of ``context`` (a LongTensor of context indices, any shape → flattened)."""
+        device = context.device if isinstance(context, Tensor) else "cpu"
+        ctx = self._check_context(context)
+        n, mean = self.n[ctx], self.means[ctx]  # (B, A)
+        R = self._range()
+        if self.policy == "ucb1":
+            n_ctx = n.sum(1, keepdim=True).clamp_min(1)
+            score = mean + self.c * R * torch.sqrt(2 * n_ctx.log() / n.clamp_min(1))
+        else:
+            var = (self.s2[ctx] - n * mean**2) / (n - 1).clamp_min(1)
+            pooled_n = n.sum(1, keepdim=True)
+            pooled = ((self.s2[ctx].sum(1, keepdim=True) - self.s1[ctx].sum(1, keepdim=True) ** 2
+                       / pooled_n.clamp_min(1)) / (pooled_n - 1).clamp_min(1))
+            pooled = torch.where(pooled_n >= 2, pooled, torch.full_like(pooled, R**2))
+            var = torch.where(n >= 2, var, pooled.expand_as(var)).clamp_min(1e-6 * R**2)
+            z = torch.randn(n.shape, generator=self.generator, dtype=torch.float64)
+            score = mean + z * (var / n.clamp_min(1)).sqrt()
+        # Untried arms first (the lowest one), so every arm has a mean before any is preferred.
+        score = torch.where(n == 0, torch.full_like(score, math.inf), score)
+        return self._values[score.argmax(1)].to(device)
+
+    def update(self, context: Tensor, arm: Tensor, reward: Tensor) -> None:
+        """Credit ``reward[i]`` to (``context[i]``, ``arm[i]``) (arm VALUES); all three flatten to length B."""
+        ctx = self._check_context(context)
+        arm = torch.as_tensor(arm).long().reshape(-1).cpu()
+        r = torch.as_tensor(reward).detach().reshape(-1).to("cpu", torch.float64)
+        if not (ctx.numel() == arm.numel() == r.numel()):
+            raise ValueError(f"context, arm and reward must have one entry each, got sizes "
+                             f"{ctx.numel()}, {arm.numel()}, {r.numel()}")
+        if not bool(torch.isfinite(r).all()):
+            raise ValueError("rewards must be finite; got NaN/Inf (check the reward's definition)")
+        a = torch.searchsorted(self._values, arm).clamp_max(len(self.arms) - 1)
+        if not bool((self._values[a] == arm).all()):
+            raise ValueError(f"arm values {sorted(set(arm.tolist()) - set(self.arms))} are not arms of this "
+                             f"bandit {self.arms}")
+        if r.numel() == 0:
+            return
+        self.n.index_put_((ctx, a), torch.ones_like(r), accumulate=True)
+        self.s1.index_put_((ctx, a), r, accumulate=True)
+        self.s2.index_put_((ctx, a), r**2, accumulate=True)
+        self.r_min, self.r_max = min(self.r_min, float(r.min())), max(self.r_max, float(r.max()))
+
+    def state_dict(self) -> dict:
+        return {"arms": list(self.arms), "contexts": self.contexts, "policy": self.policy, "c": self.c,
+                "n": self.n.clone(), "s1": self.s1.clone(), "s2": self.s2.clone(),
+                "r_min": self.r_min, "r_max": self.r_max, "rng": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore learnt statistics; a state for another arm set, policy or context count is a ValueError."""
+        mine = {"arms": list(self.arms), "contexts": self.contexts, "policy": self.policy}
+        theirs = {k: (list(state[k]) if k == "arms" else state[k]) for k in mine if k in state}
+        if theirs != mine:
+            raise ValueError(f"bandit state was saved for {theirs} but this bandit has {mine}; build the "
+                             f"sampler with the same arms/buckets/policy, or start without the saved state")
+        self.c = float(state.get("c", self.c))
+        self.n, self.s1, self.s2 = (state[k].to("cpu", torch.float64).clone() for k in ("n", "s1", "s2"))
+        self.r_min, self.r_max = float(state["r_min"]), float(state["r_max"])
+        self.generator.set_state(state["rng"])
+
+    def __repr__(self) -> str:
+        return f"Bandit(arms={self.arms}, contexts={self.contexts}, policy={self.policy!r})"
