@@ -189,7 +189,8 @@ class Speculative(Sampler):
         rows = act.expand(r.Y.shape[0], -1)[r.E]
         lo, hi = int(ka.min()), int((ka + last).max())
         r.V = torch.zeros_like(r.Y)
-        r.V[r.E] = f(r.Y[r.E], r.T[r.E], rows, step=str(lo) if lo == hi else f"{lo}..{hi}")
+        if rows.numel():  # none only when every sample takes its last step with a velocity already paid for
+            r.V[r.E] = f(r.Y[r.E], r.T[r.E], rows, step=str(lo) if lo == hi else f"{lo}..{hi}")
         r.V[0, ex] = v[ex]
 
     def _verify(self, r: _Round, ex, ka, act, L, noise):
