@@ -115,3 +115,13 @@ def test_time_bucket():
     assert time_bucket(t, 4).tolist() == [0, 0, 1, 3, 3]
     with pytest.raises(ValueError, match="buckets"):
         time_bucket(t, 0)
+
+
+def test_limit_excludes_arms_that_do_not_fit():
+    b = Bandit(ARMS, contexts=1)
+    ctx = torch.zeros(3, dtype=torch.long)
+    for _ in range(10):  # untried arms above the limit are never chosen
+        arm = b.select(ctx, limit=torch.tensor([2, 5, 0]))
+        assert arm.tolist()[0] <= 2 and arm.tolist()[1] <= 4 and arm.tolist()[2] == 1
+        b.update(ctx[:2], arm[:2], torch.ones(2))
+    assert int(b.counts[0, 3]) == 0

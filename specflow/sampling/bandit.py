@@ -106,8 +106,13 @@ class Bandit:
                              f"[{int(ctx.min())}, {int(ctx.max())}]")
         return ctx
 
-    def select(self, context: Tensor) -> Tensor:
-        """One arm VALUE per entry of ``context`` (a LongTensor of context indices, any shape → flattened)."""
+    def select(self, context: Tensor, limit: Tensor | None = None) -> Tensor:
+        """One arm VALUE per entry of ``context`` (a LongTensor of context indices, any shape → flattened).
+
+        ``limit`` (optional, one int per entry): only arms <= limit are eligible, so an arm that cannot be
+        played near the end of a grid is never chosen (and never stays "untried first" forever). An entry
+        with no eligible arm gets the smallest arm; the caller clamps it and does not credit it.
+        """
         device = context.device if isinstance(context, Tensor) else "cpu"
         ctx = self._check_context(context)
         n, mean = self.n[ctx], self.means[ctx]  # (B, A)
@@ -126,6 +131,10 @@ class Bandit:
             score = mean + z * (var / n.clamp_min(1)).sqrt()
         # Untried arms first (the lowest one), so every arm has a mean before any is preferred.
         score = torch.where(n == 0, torch.full_like(score, math.inf), score)
+        if limit is not None:
+            ok = self._values[None] <= torch.as_tensor(limit).long().reshape(-1, 1).cpu()
+            score = torch.where(ok, score, torch.full_like(score, -math.inf))
+            score[~ok.any(1), 0] = 0.0  # nothing eligible: the smallest arm
         return self._values[score.argmax(1)].to(device)
 
     def update(self, context: Tensor, arm: Tensor, reward: Tensor) -> None:

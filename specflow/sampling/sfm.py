@@ -1,0 +1,224 @@
+"""Speculative flow matching (``sfm``, "trust, but verify") and its lossy sibling ``rca``.
+
+Both are deterministic ODE samplers on the grid t_0 < … < t_N. Each sample is at its own grid index k
+(ragged) and holds x_k and the target's velocity v_k there (already paid for). One round, for every active
+sample at once:
+
+  leap    y_0 = x_k,  y_{j+1} = y_j + h_{k+j}·v̂_j  (j < L),   v̂_0 = v_k (real),  v̂_j = drafter(y_j, t_{k+j})
+          x̃ = y_L at s = t_{k+L};   the target is called ONCE, batched over all active samples: v = v(x̃, s).
+
+``sfm`` verifies the leap (leap lengths L ≥ 2; L = 1 is an exact Euler step and needs no check):
+
+  δ = ‖x̂1_draft − x̂1_target‖ / ‖x̂1_target‖,   x̂1_target = x̃ + (1 − s)·v,  x̂1_draft = x̃ + (1 − s)·v̂(x̃, s),
+
+  norms over all of a sample's coordinates, v̂(x̃, s) the drafter's velocity at the leap's end (what the
+  draft predicts there: for the extrapolate drafter, its extrapolated x̂1(s) itself). δ measures how well
+  the drafter's model of the flow still matches the target one step beyond the last drafted velocity.
+  - δ ≤ tol: accept. x_{k+L} = x̃ and v_{k+L} = v (the check's evaluation is the next step's velocity).
+  - δ > tol: reject. The leap is discarded and the sample retries from x_k with L = 1, i.e. one ordinary
+    Euler step x_{k+1} = x_k + h_k·v_k whose endpoint the next round evaluates. A rejection therefore
+    costs one wasted target row (the check) plus one call for one step.
+  The last step to t = 1 is taken with v_{N−1} and never evaluated at t = 1 (so leaps end at s ≤ t_{N−1}:
+  at s = 1 both x̂1 equal x̃ and the check would be vacuous).
+
+Guarantee. Every step the output takes is either an exact Euler step with the target's velocity or an
+accepted leap. With tol → 0 no leap is accepted and the output is euler-N exactly (bit for bit in float64).
+An accepted leap can leave an error: the drafter's Euler steps deviate from the target's; the check bounds
+the draft/target disagreement *at its end point only* (δ ≤ tol on x̂1 there), not the path's deviation
+along the leap, and accepted errors propagate through the ODE like any other local error — tol is a
+per-leap check, not a global bound. A rejected leap leaves nothing behind: its state is discarded.
+
+``rca`` (residual correction and acceptance) takes the same leap and always accepts it after a trapezoid
+correction with the endpoint velocity; it is LOSSY BY DESIGN (no fallback, no check):
+
+  x_{k+L} = x_k + (t_{k+L} − t_k)·(v_k + v(x̃, t_{k+L}))/2,    v_{k+L} := v(x̃, t_{k+L})  (reused, not re-evaluated)
+
+With leap = 1 this is the one-call-per-step predictor–corrector "Heun with the predictor's velocity
+reused": second order, N + 1 calls (Heun pays 2N); with N = 1 it is Heun's step exactly.
+
+Bandit (``leap="bandit"``): L is chosen per sample among ``arms`` with context = time bucket of t_k; the
+reward of a decision is steps advanced per target call it caused: L when accepted, 1/2 when rejected (one
+step for two calls). Only arms that fit before t_{N−1} are eligible.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from specflow.path import expand, x1_hat
+from specflow.sampling.bandit import POLICIES, Bandit, _check_arms, time_bucket
+from specflow.sampling.base import Sampler, register
+from specflow.sampling.drafters import DRAFTERS, make_drafter
+
+
+def _norm(x: Tensor) -> Tensor:
+    return x.flatten(1).norm(dim=1)
+
+
+@register
+@dataclasses.dataclass
+class SFM(Sampler):
+    """Speculative flow matching: leap with a drafter, verify with one target call, fall back to Euler.
+
+    Options: ``drafter`` (see drafters.py), ``leap`` (int ≥ 1 or "bandit"), ``arms`` (leap lengths for the
+    bandit), ``tol`` (relative x̂1 tolerance, > 0), ``policy`` ("ucb1" | "thompson"), ``buckets`` (time
+    buckets = bandit contexts), ``seed`` (bandit seed). See the module docstring for the algorithm.
+    """
+
+    name = "sfm"
+    drafter: str = "extrapolate"
+    leap: int | str = 4
+    arms: tuple = (1, 2, 4, 8)
+    tol: float = 0.05
+    policy: str = "ucb1"
+    buckets: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.drafter not in DRAFTERS:
+            raise ValueError(f"unknown drafter {self.drafter!r}; valid: {', '.join(sorted(DRAFTERS))}")
+        if self.leap != "bandit" and (not isinstance(self.leap, int) or isinstance(self.leap, bool)
+                                      or self.leap < 1):
+            raise ValueError(f"leap must be an integer >= 1 or 'bandit', got {self.leap!r}")
+        if not (isinstance(self.tol, (int, float)) and self.tol > 0):
+            raise ValueError(f"tol must be a relative tolerance > 0 (e.g. 0.05), got {self.tol!r}")
+        self.arms = _check_arms(self.arms)
+        if self.arms[0] < 1:
+            raise ValueError(f"leap arms must be positive step counts, got {self.arms}; e.g. arms=(1, 2, 4, 8)")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown bandit policy {self.policy!r}; valid: {', '.join(POLICIES)}")
+        self.bandit = (Bandit(self.arms, contexts=self.buckets, policy=self.policy, seed=self.seed)
+                       if self.leap == "bandit" else None)
+
+    @property
+    def needs_draft(self) -> bool:  # the trained drafters take their network from sample(draft=...)
+        return DRAFTERS[self.drafter].needs_network
+
+    def _choose(self, t: Tensor, cap: Tensor):
+        """Leap lengths for samples at times t with at most ``cap`` steps; the bandit contexts and which rows
+        play the bandit's own choice (not clamped by the cap), or None without a bandit."""
+        if self.bandit is None:
+            return torch.minimum(torch.full_like(cap, self.leap), cap), None, None
+        ctx = time_bucket(t, self.buckets)
+        chosen = self.bandit.select(ctx, limit=cap).to(cap.device)
+        return torch.minimum(chosen, cap), ctx, chosen <= cap
+
+    def _leap(self, drafter, net, x: Tensor, v: Tensor, k: Tensor, L: Tensor, grid: Tensor, rows: Tensor):
+        """y_L from y_0 = x with v̂_0 = v (real) and drafter velocities after; ragged L per row."""
+        h = lambda kk, y: expand((grid[kk + 1] - grid[kk]).to(y.dtype), y)  # noqa: E731
+        y = x + h(k, x) * v  # j = 0: an exact Euler step
+        for j in range(1, int(L.max())):
+            m = L > j
+            v_hat = drafter(y[m], grid[k[m] + j], rows[m], j, net)
+            y[m] = y[m] + h(k[m] + j, v_hat) * v_hat  # drafted Euler step
+        return y
+
+    def _run(self, f, x, grid, draft, generator, stats):
+        N, B = self.steps, x.shape[0]
+        drafter = make_drafter(self.drafter)
+        drafter.reset(x)
+        k = torch.zeros(B, dtype=torch.long, device=x.device)
+        retry = torch.zeros(B, dtype=torch.bool, device=x.device)  # a rejected leap retries with L = 1
+        all_rows = torch.arange(B, device=x.device)
+        v = f(x, grid[0], step=0)  # v_0: the one call every sampler pays
+        drafter.observe(all_rows, x, grid[0].expand(B), v)
+        x = x.clone()
+        while True:
+            last = k == N - 1  # final step to t = 1: Euler with the paid v_{N-1}, no evaluation at t = 1
+            x[last] = x[last] + (grid[N] - grid[N - 1]).to(x.dtype) * v[last]
+            k[last] = N
+            rows = (k < N).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                return x
+            kr = k[rows]
+            L, ctx, own = self._choose(grid[kr], cap=N - 1 - kr)
+            forced = retry[rows]
+            L = torch.where(forced, torch.ones_like(L), L)
+            y = self._leap(drafter, draft, x[rows], v[rows], kr, L, grid, rows)
+            s = grid[kr + L]
+            v_s = f(y, s, rows=rows, step=int(kr.min()))  # the one target call of this round
+            ok = self._accept(drafter, draft, y, s, v_s, rows, L, stats)
+            x_new, v_new = self._commit(x[rows], v[rows], y, v_s, grid[kr], s)
+            acc = rows[ok]
+            x[acc], v[acc], k[acc] = x_new[ok], v_new[ok], kr[ok] + L[ok]
+            drafter.observe(acc, y[ok], s[ok], v_s[ok])  # the target's own prediction at x̃
+            retry[rows] = ~ok
+            stats.rounds += 1
+            for a, c in zip(*torch.unique(L, return_counts=True)):
+                stats.arm_counts[int(a)] = stats.arm_counts.get(int(a), 0) + int(c)
+            if ctx is not None:  # credit the bandit's own decisions only (not retries, not capped ones)
+                mine = own & ~forced
+                reward = torch.where(ok, L.to(torch.float64), torch.full_like(L, 1, dtype=torch.float64) / 2)
+                self.bandit.update(ctx[mine], L[mine], reward[mine])
+
+    def _accept(self, drafter, net, y, s, v_s, rows, L, stats) -> Tensor:
+        """δ ≤ tol per row; L = 1 rows are exact Euler steps and always accepted."""
+        ok = torch.ones_like(L, dtype=torch.bool)
+        for l in torch.unique(L[L > 1]).tolist():  # grouped by L: the drafter's step index j = L
+            m = L == l
+            s_m = s[m].to(y.dtype)
+            x1_t = x1_hat(y[m], s_m, v_s[m])
+            x1_d = x1_hat(y[m], s_m, drafter(y[m], s[m], rows[m], l, net))
+            delta = _norm(x1_d - x1_t) / _norm(x1_t).clamp_min(torch.finfo(y.dtype).tiny)
+            ok[m] = delta <= self.tol
+            stats.proposed += int(m.sum())
+            stats.accepted += int((delta <= self.tol).sum())
+        return ok
+
+    def _commit(self, x, v, y, v_s, t, s):
+        """State and velocity an accepted leap leaves: sfm keeps (x̃, v(x̃, s))."""
+        return y, v_s
+
+    def state_dict(self) -> dict:
+        return {"bandit": self.bandit.state_dict()} if self.bandit is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.bandit is None:
+            return super().load_state_dict(state)
+        if "bandit" not in state:
+            raise ValueError(f"expected a state with a 'bandit' entry for {self.name!r}, got keys {sorted(state)}")
+        self.bandit.load_state_dict(state["bandit"])
+
+
+@register
+@dataclasses.dataclass
+class RCA(SFM):
+    """Residual correction and acceptance — LOSSY BY DESIGN: every leap is accepted after the trapezoid
+    correction x_{k+L} = x_k + (t_{k+L} − t_k)·(v_k + v(x̃, t_{k+L}))/2, and v(x̃, t_{k+L}) is reused as
+    v_{k+L} without re-evaluating at the corrected state. One target call per L steps, no error control.
+    Leaps may end at t = 1 (the trapezoid needs v there, as Heun does). ``leap`` is a fixed int: with
+    every leap accepted there is no error signal for a bandit to trade against.
+    """
+
+    name = "rca"
+    leap: int = 4
+
+    def __post_init__(self):
+        if self.leap == "bandit":
+            raise ValueError("rca accepts every leap, so a bandit has no error signal to learn from; "
+                             "give a fixed leap (an integer >= 1), or use sfm with leap='bandit'")
+        super().__post_init__()
+
+    def _run(self, f, x, grid, draft, generator, stats):
+        N, B = self.steps, x.shape[0]
+        drafter = make_drafter(self.drafter)
+        drafter.reset(x)
+        rows = torch.arange(B, device=x.device)
+        v = f(x, grid[0], step=0)
+        drafter.observe(rows, x, grid[0].expand(B), v)
+        k = 0
+        while k < N:  # all samples move together: no check, so nothing makes them ragged
+            L = min(self.leap, N - k)
+            y = self._leap(drafter, draft, x, v, torch.full((B,), k, device=x.device),
+                           torch.full((B,), L, device=x.device), grid, rows)
+            v_s = f(y, grid[k + L], step=k)  # target at the leap's end
+            x = x + (grid[k + L] - grid[k]).to(x.dtype) * (v + v_s) / 2  # trapezoid correction
+            v = v_s  # reused at the corrected state: the lossy part
+            drafter.observe(rows, y, grid[k + L].expand(B), v_s)
+            stats.rounds += 1
+            stats.arm_counts[L] = stats.arm_counts.get(L, 0) + 1
+            k += L
+        return x

@@ -1,0 +1,104 @@
+"""FastFlow (seed 002): skip target calls by extrapolating the velocity, with a bandit choosing how many.
+
+At each real target call at grid index k (the previous real one at p < k):
+
+    v_k = v(x_k, t_k);   x_{k+1} = x_k + h_k·v_k                                        (Euler step)
+    choose S ∈ arms (bandit, context = time bucket of t_k);  for the skipped steps i = k+1 … k+S:
+        v̂_i = v_k + (t_i − t_k)·(v_k − v_p)/(t_k − t_p),   x_{i+1} = x_i + h_i·v̂_i        (zero cost)
+    the next real call at k' = k + S + 1 measures e = MSE(v̂_{k'}, v_{k'}) — the extrapolation error one step
+    past the last skipped step, mean over all elements of the batch — and the decision (bucket, S) is
+    credited with the reward  r = μ·S − e  (r = 0 for S = 0: nothing was approximated).
+
+Decisions are per batch: a skip only saves time when no sample needs the call, so all samples skip
+together (per-sample skipping would cut total_nfe but not the batched calls, i.e. not the latency).
+The first two steps and the last step are always real (an extrapolation needs two real velocities, and
+every decision must be followed by the real call that measures it), so an arm S is eligible at k only if
+k + S + 1 ≤ N − 1; arms that never fit (S ≥ N) are a ValueError.
+
+μ (the value of one saved call, in MSE units) is calibrated on the first batch the sampler sees: that batch
+runs plain Euler (S = 0 throughout, crediting arm 0 where present), records the free one-step-ahead error
+e_k = MSE(v̂_k, v_k) at every call with two predecessors, and sets μ = mu_scale·median_k(e_k). With
+mu_scale = 1, skipping one step where the extrapolation is typical pays exactly what it costs; cheaper
+regions (smooth velocity) earn positive rewards, hard ones negative. The bandit then learns online across
+batches; μ and the bandit are the sampler's ``state_dict()``. Pass ``mu`` to skip calibration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import torch
+
+from specflow.sampling.bandit import POLICIES, Bandit, _check_arms, time_bucket
+from specflow.sampling.base import Sampler, register
+
+
+@register
+@dataclasses.dataclass
+class FastFlow(Sampler):
+    """Finite-difference velocity skipping with a UCB1 bandit per time bucket (see module docstring)."""
+
+    name = "fastflow"
+    arms: tuple = (0, 1, 2, 4, 6)
+    buckets: int = 4
+    policy: str = "ucb1"
+    mu: float | None = None
+    mu_scale: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.arms = _check_arms(self.arms)
+        if self.arms[-1] > max(self.steps - 3, 0):
+            raise ValueError(f"skip arm {self.arms[-1]} is longer than a grid of {self.steps} steps allows "
+                             f"(two real calls start the run and one ends it): use arms <= "
+                             f"{max(self.steps - 3, 0)}, e.g. arms={tuple(a for a in self.arms if a <= max(self.steps - 3, 0)) or (0,)}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown bandit policy {self.policy!r}; valid: {', '.join(POLICIES)}")
+        if self.mu is not None and not self.mu >= 0:
+            raise ValueError(f"mu must be >= 0 (or None to calibrate on the first batch), got {self.mu}")
+        if not self.mu_scale > 0:
+            raise ValueError(f"mu_scale must be > 0, got {self.mu_scale}")
+        self.bandit = Bandit(self.arms, self.buckets, self.policy, self.seed, allow_zero=True)
+        self.mu_ = None if self.mu is None else float(self.mu)
+
+    def _run(self, f, x, grid, draft, generator, stats):
+        N, calibrating, errors = self.steps, self.mu_ is None, []
+        v_last = t_last = slope = pending = None  # pending: (context, S) the next real call measures
+        k = 0
+        while k < N:
+            t_k = grid[k]
+            v_k = f(x, t_k, step=k)  # a real call
+            if slope is not None:  # how far off the extrapolation from the last two real calls is here
+                e = float(((v_last + (t_k - t_last).to(x.dtype) * slope - v_k) ** 2).mean())
+                errors.append(e)
+                if pending is not None:
+                    ctx, S = pending
+                    self.bandit.update(ctx, torch.tensor([S]), torch.tensor([self.mu_ * S - e if S else 0.0]))
+            if v_last is not None:
+                slope = (v_k - v_last) / (t_k - t_last).to(x.dtype)  # (v_k − v_p)/(t_k − t_p)
+            v_last, t_last = v_k, t_k
+            x = x + (grid[k + 1] - t_k).to(x.dtype) * v_k  # Euler step with the real velocity
+            S, pending = 0, None
+            if slope is not None and k <= N - 2:  # a decision needs a real call after it to be measured
+                ctx = time_bucket(t_k.reshape(1), self.buckets)
+                room = N - 2 - k  # skipped steps that still leave the last step real
+                chosen = 0 if calibrating else int(self.bandit.select(ctx, limit=torch.tensor([room])))
+                S = min(chosen, room)
+                pending = (ctx, S) if S == chosen and S in self.arms else None
+            for i in range(k + 1, k + 1 + S):  # skipped steps: extrapolated velocity, zero cost
+                v_hat = v_k + (grid[i] - t_k).to(x.dtype) * slope
+                x = x + (grid[i + 1] - grid[i]).to(x.dtype) * v_hat
+            stats.rounds += 1
+            stats.arm_counts[S] = stats.arm_counts.get(S, 0) + 1
+            k += S + 1
+        if calibrating:  # μ: the median one-step-ahead extrapolation error of this plain-Euler batch
+            self.mu_ = self.mu_scale * (float(torch.tensor(errors).median()) if errors else 0.0)
+        return x
+
+    def state_dict(self) -> dict:
+        return {"mu": self.mu_, "bandit": self.bandit.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "bandit" not in state or "mu" not in state:
+            raise ValueError(f"expected a fastflow state with 'mu' and 'bandit', got keys {sorted(state)}")
+        self.bandit.load_state_dict(state["bandit"])
+        self.mu_ = None if state["mu"] is None else float(state["mu"])

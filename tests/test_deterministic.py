@@ -1,0 +1,166 @@
+"""Deterministic accelerations sfm / rca / fastflow on the toy mixture's exact velocity, in float64."""
+import pytest
+import torch
+
+from specflow.data.toy import GaussianMixture
+from specflow.sampling import build_sampler
+
+GM = GaussianMixture.default(dim=2)
+
+
+def noise(B=128, dim=2, seed=0):
+    return torch.randn(B, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def run(name, steps, x0, **opts):
+    return build_sampler(name, steps=steps, **opts).sample(GM, x0)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+class Counting:
+    """Counts calls and rows independently of the Evaluator."""
+
+    def __init__(self, model):
+        self.model, self.calls, self.rows = model, 0, 0
+
+    def __call__(self, x, t, cond=None):
+        self.calls += 1
+        self.rows += x.shape[0]
+        return self.model(x, t)
+
+
+@pytest.mark.parametrize("leap", [4, "bandit"])
+def test_sfm_with_zero_tolerance_is_euler(leap):
+    x0 = noise()
+    res = run("sfm", 20, x0, leap=leap, tol=1e-12)
+    assert torch.allclose(res.samples, run("euler", 20, x0).samples, atol=1e-10, rtol=0)
+    assert res.stats.accepted == 0 and res.stats.proposed > 0  # every leap was checked and rejected
+
+
+def test_sfm_loose_tolerance_is_not_euler():
+    """Control for the test above: accepted leaps do change the result (the check is not a no-op)."""
+    x0 = noise()
+    res = run("sfm", 20, x0, leap=4, tol=0.5)
+    assert res.stats.accepted > 0
+    assert not torch.allclose(res.samples, run("euler", 20, x0).samples, atol=1e-6)
+
+
+def test_sfm_is_ragged_per_sample():
+    """Each sample advances on its own: a sample's result does not depend on its batch neighbours."""
+    x0 = noise(16)
+    batch = run("sfm", 20, x0, leap=4, tol=0.05)
+    assert 0 < batch.stats.acceptance_rate < 1  # some samples accept where others reject
+    alone = torch.cat([run("sfm", 20, x0[i:i + 1], leap=4, tol=0.05).samples for i in range(16)])
+    assert torch.allclose(batch.samples, alone, atol=1e-12, rtol=0)
+
+
+def test_sfm_beats_euler_cost_at_euler_accuracy():
+    x0 = noise(256)
+    N = 40
+    ref = run("heun", 4 * N, x0).samples
+    eu = run("euler", N, x0)
+    res = run("sfm", N, x0, leap=2, tol=0.05)
+    assert res.stats.total_nfe < 0.8 * N
+    assert rel(res.samples, ref) <= 1.05 * rel(eu.samples, ref)
+
+
+def test_rca_leap_one_is_reused_heun():
+    """rca, leap = 1: x_{k+1} = x_k + h(v_k + v(x_k + h v_k))/2 with the endpoint velocity reused as v_{k+1}.
+    With one step it is Heun's step exactly; over N steps it is second order at N + 1 calls."""
+    x0 = noise()
+    assert torch.allclose(run("rca", 1, x0, leap=1).samples, run("heun", 1, x0).samples, atol=1e-12, rtol=0)
+    N, h = 10, 0.1
+    x, v = x0.clone(), GM(x0, torch.zeros(len(x0), dtype=torch.float64))
+    for k in range(N):
+        v_next = GM(x + h * v, torch.full((len(x0),), (k + 1) * h, dtype=torch.float64))
+        x, v = x + h * (v + v_next) / 2, v_next
+    res = run("rca", N, x0, leap=1)
+    assert torch.allclose(res.samples, x, atol=1e-12, rtol=0)
+    assert res.stats.total_nfe == N + 1
+    ref = run("heun", 400, x0).samples
+    order = rel(run("rca", 20, x0, leap=1).samples, ref) / rel(run("rca", 40, x0, leap=1).samples, ref)
+    euler_order = rel(run("euler", 20, x0).samples, ref) / rel(run("euler", 40, x0).samples, ref)
+    assert order > 3.0 and euler_order < 2.5  # second order (ratio ~4); the control is first order (~2)
+
+
+def test_fastflow_without_skips_is_euler():
+    x0 = noise()
+    s = build_sampler("fastflow", steps=20, arms=(0,))
+    eu = run("euler", 20, x0).samples
+    for _ in range(2):  # the calibration batch and a learning batch alike
+        res = s.sample(GM, x0)
+        assert torch.allclose(res.samples, eu, atol=1e-10, rtol=0) and res.stats.total_nfe == 20
+
+
+def test_fastflow_reward_steers_the_bandit():
+    """μ = 0 makes every skip a loss (reward −MSE < 0 = the reward of not skipping): the bandit learns arm 0.
+    A huge μ makes skipping always pay: it learns the longest arm. Wrong credit would not separate them."""
+    best = {}
+    for mu in (0.0, 1e6):
+        s = build_sampler("fastflow", steps=40, arms=(0, 2, 4), buckets=2, mu=mu)
+        for i in range(12):
+            s.sample(GM, noise(32, seed=i))
+        best[mu] = s.bandit.best().tolist()
+    assert best[0.0] == [0, 0] and best[1e6] == [4, 4]
+
+
+def test_fastflow_learns_to_skip_accurately():
+    s = build_sampler("fastflow", steps=50)
+    for i in range(8):
+        s.sample(GM, noise(64, seed=i + 1))
+    x0 = noise(64)
+    res = s.sample(GM, x0)
+    eu = run("euler", 50, x0).samples
+    psnr = 10 * torch.log10(4 / ((res.samples - eu) ** 2).mean())
+    assert res.stats.total_nfe <= 25 and psnr >= 30, (res.stats.total_nfe, float(psnr))
+
+
+@pytest.mark.parametrize("name,opts", [("sfm", dict(leap=2, tol=0.05)), ("sfm", dict(leap="bandit", arms=(1, 2))),
+                                       ("rca", dict(leap=3)), ("fastflow", dict(mu=1e-3))])
+def test_nfe_matches_a_counting_wrapper(name, opts):
+    x0 = noise(32)
+    model = Counting(GM)
+    res = build_sampler(name, steps=30, **opts).sample(model, x0)
+    assert res.stats.sequential_nfe == model.calls
+    assert res.stats.total_nfe == pytest.approx(model.rows / 32)
+    assert model.rows / 32 < 30  # it did accelerate (compute per sample; ragged rounds can exceed N)
+
+
+@pytest.mark.parametrize("name,opts", [("sfm", dict(leap="bandit", tol=0.05)),
+                                       ("sfm", dict(leap="bandit", policy="thompson")), ("fastflow", {})])
+def test_bandit_state_round_trips_through_the_sampler(name, opts):
+    a = build_sampler(name, steps=30, **opts)
+    for i in range(2):
+        a.sample(GM, noise(32, seed=i))
+    b = build_sampler(name, steps=30, **opts)
+    b.load_state_dict(a.state_dict())
+    x0 = noise(32, seed=9)
+    ra, rb = a.sample(GM, x0), b.sample(GM, x0)
+    assert torch.equal(ra.samples, rb.samples) and ra.stats.arm_counts == rb.stats.arm_counts
+    fresh = build_sampler(name, steps=30, **opts).sample(GM, x0)  # control: the state mattered
+    assert fresh.stats.arm_counts != ra.stats.arm_counts
+
+
+@pytest.mark.parametrize("name,opts,match", [
+    ("sfm", dict(tol=0.0), "tol"), ("sfm", dict(tol=-1), "tol"), ("sfm", dict(leap=0), "leap"),
+    ("sfm", dict(arms=()), "empty"), ("sfm", dict(arms=(4, 2)), "increasing"), ("sfm", dict(arms=(0, 2)), "positive"),
+    ("sfm", dict(policy="eps"), "ucb1"), ("sfm", dict(drafter="oracle"), "drafter"),
+    ("rca", dict(leap="bandit"), "fixed leap"),
+    ("fastflow", dict(arms=()), "empty"), ("fastflow", dict(arms=(0, 4, 2)), "increasing"),
+    ("fastflow", dict(arms=(0, 1, 8)), "longer than"), ("fastflow", dict(mu_scale=0), "mu_scale"),
+])
+def test_bad_options(name, opts, match):
+    with pytest.raises(ValueError, match=match):
+        build_sampler(name, steps=10, **opts)
+
+
+@pytest.mark.parametrize("name", ["sfm", "fastflow"])
+def test_state_for_another_arm_set_is_an_error(name):
+    opts = dict(leap="bandit") if name == "sfm" else {}
+    state = build_sampler(name, steps=30, **opts).state_dict()
+    other = build_sampler(name, steps=30, arms=(0, 1, 2) if name == "fastflow" else (1, 2), **opts)
+    with pytest.raises(ValueError, match="saved for"):
+        other.load_state_dict(state)
