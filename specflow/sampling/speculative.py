@@ -104,6 +104,7 @@ class Speculative(Sampler):
     # ---------------------------------------------------------------------------------------------------
     def _run(self, f, x, grid, draft, generator, stats):
         N, B = self.steps, x.shape[0]
+        x = x.clone()  # updated in place per sample below; never write into the caller's noise
         noise = NoiseTable(N, x, generator, uniforms=True)  # ε_k, u_k per (grid step, sample)
         keys = keyed.sample_keys(generator, B, x) if self.draft_eta is not None else None
         drafter = make_drafter(self.drafter)
