@@ -7,6 +7,7 @@
 from specflow.sampling.base import SAMPLERS, Sampler, build_sampler
 from specflow.sampling.stats import SampleResult, SampleStats
 from specflow.sampling import solvers  # noqa: F401  (registers euler, heun, ab2, sde)
+from specflow.sampling import sfm, skip  # noqa: F401,E402  (registers sfm, rca, fastflow)
 from specflow.sampling import speculative  # noqa: F401  (registers speculative)
 
 __all__ = ["SAMPLERS", "Sampler", "SampleResult", "SampleStats", "build_sampler"]
