@@ -1,0 +1,159 @@
+"""Exact speculative sampling vs the ``sde`` baseline: a table, printed.
+
+    python benchmarks/speculative.py                           # toy mixture, dims 2 and 16, N = 100
+    python benchmarks/speculative.py --device cuda --dims 2 64
+    python benchmarks/speculative.py --overhead --model unet --device cuda   # time outside the model
+
+Toy table columns (one run each, same N and η as sde):
+  accept   accepted / proposed draft steps      seq/N    sequential target calls / N (latency)
+  total/N  target rows per sample / N (compute) wall×    wall time / sde's wall time (same process)
+  p_energy, p_ks   two-sample tests of speculative vs sde (independent seeds): large = no detectable bias
+Overhead mode: wall time minus the time spent inside model calls (synchronised on CUDA), as a share of wall.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from scipy import stats as sps
+
+from specflow.data.toy import GaussianMixture
+from specflow.sampling import build_sampler
+
+
+def make_model(name: str, dim: int, device: str):
+    """(velocity model, shape of one sample). Plug other models in here."""
+    if name == "toy":
+        gm = GaussianMixture.default(dim=dim)
+        gm.means, gm.stds, gm.weights = gm.means.to(device), gm.stds.to(device), gm.weights.to(device)
+        return gm, (dim,)
+    if name in ("unet", "unet+toy"):  # ~7M parameters, 16×16×1 (the digits model's shape), untrained
+        from specflow.nets import build_net
+        net = build_net("unet", image_size=16, in_channels=1, model_channels=64, channel_mult=(1, 2, 2),
+                        num_classes=None)
+        torch.nn.init.normal_(net.conv_out.weight, std=0.02)  # its zero-init head would make v ≡ 0
+        net = net.to(device).eval()
+        if name == "unet":
+            return net, (1, 16, 16)
+        # The UNet's full cost with the dynamics of a 256-d toy mixture, so that acceptance (hence the number
+        # of rounds and the window fill) is that of a smooth, well-trained model rather than of random weights.
+        gm, _ = make_model("toy", 256, device)
+        return _Sum(net, gm), (1, 16, 16)
+    raise ValueError(f"unknown model {name!r}; valid: toy, unet, unet+toy")
+
+
+class _Sum(torch.nn.Module):
+    def __init__(self, net, gm):
+        super().__init__()
+        self.net, self.gm = net, gm
+
+    def forward(self, x, t, cond=None):
+        return self.net(x, t).mul_(0).add_(self.gm(x, t))
+
+
+class Timed:
+    """Wraps a model; ``seconds`` accumulates the time spent inside it (synchronised on CUDA)."""
+
+    def __init__(self, f, device):
+        self.f, self.seconds = f, 0.0
+        self.sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+    def __call__(self, x, t, cond=None):
+        self.sync()
+        t0 = time.perf_counter()
+        v = self.f(x, t) if cond is None else self.f(x, t, cond)
+        self.sync()
+        self.seconds += time.perf_counter() - t0
+        return v
+
+
+def energy_pvalue(a, b, perms=200, seed=0):
+    """Permutation p-value of the energy distance (see tests/test_speculative.py)."""
+    a, b = a.flatten(1).double().cpu(), b.flatten(1).double().cpu()
+    n, z = a.shape[0], torch.cat([a, b])
+    g = torch.Generator().manual_seed(seed)
+    w0 = torch.cat([torch.full((n,), 1.0 / n), torch.full((b.shape[0],), -1.0 / b.shape[0])]).double()
+    W = w0[torch.stack([torch.arange(len(z))] + [torch.randperm(len(z), generator=g) for _ in range(perms)], 1)]
+    quad = sum((W[i:i + 1000] * (torch.cdist(z[i:i + 1000], z) @ W)).sum(0) for i in range(0, len(z), 1000))
+    return (1 + (-quad[1:] >= -quad[0]).sum().item()) / (perms + 1)
+
+
+def ks_pvalue(a, b):
+    a, b = a.flatten(1).cpu().numpy(), b.flatten(1).cpu().numpy()
+    return min(1.0, min(sps.ks_2samp(a[:, i], b[:, i]).pvalue for i in range(a.shape[1])) * a.shape[1])
+
+
+def run(name, model, noise, seed, **options):
+    s = build_sampler(name, **options)
+    if options.get("window") == "bandit":  # the bandit learns across batches: one warm-up batch
+        s.sample(model, noise, generator=torch.Generator(noise.device).manual_seed(seed + 1000))
+    res = s.sample(model, noise, generator=torch.Generator(noise.device).manual_seed(seed))
+    return res
+
+
+def toy_table(args):
+    print(f"toy mixture, N = {args.steps}, eta = {args.eta}, {args.samples} samples, device {args.device}")
+    print(f"{'dim':>4} {'drafter':>12} {'window':>7} {'accept':>7} {'seq/N':>6} {'total/N':>8} "
+          f"{'wall×':>6} {'p_energy':>9} {'p_ks':>6}")
+    for dim in args.dims:
+        model, shape = make_model("toy", dim, args.device)
+        noise = lambda seed: torch.randn(args.samples, *shape, device=args.device, dtype=torch.float64,
+                                         generator=torch.Generator(args.device).manual_seed(seed))
+        run("sde", model, noise(0), 0, steps=args.steps, eta=args.eta)  # warm-up
+        ref = run("sde", model, noise(1), 1, steps=args.steps, eta=args.eta)
+        print(f"{dim:>4} {'sde':>12} {'-':>7} {'-':>7} {ref.stats.sequential_nfe / args.steps:6.2f} "
+              f"{ref.stats.total_nfe / args.steps:8.2f} {1.0:6.2f} {'-':>9} {'-':>6}")
+        for drafter in args.drafters:
+            for window in args.windows:
+                res = run("speculative", model, noise(2), 2, steps=args.steps, eta=args.eta, drafter=drafter,
+                          window=window)
+                st, N = res.stats, args.steps
+                print(f"{dim:>4} {drafter:>12} {str(window):>7} {st.acceptance_rate:7.3f} "
+                      f"{st.sequential_nfe / N:6.2f} {st.total_nfe / N:8.2f} "
+                      f"{st.wall_time_s / ref.stats.wall_time_s:6.2f} "
+                      f"{energy_pvalue(res.samples, ref.samples):9.3f} {ks_pvalue(res.samples, ref.samples):6.3f}")
+
+
+def overhead(args):
+    model, shape = make_model(args.model, 0, args.device)
+    print(f"sampler overhead: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
+          f"batch {args.batch}, N = {args.steps}, device {args.device}")
+    print(f"{'sampler':>12} {'drafter':>12} {'window':>7} {'seq/N':>6} {'total/N':>8} {'wall s':>7} "
+          f"{'model s':>8} {'overhead':>9}")
+    noise = torch.randn(args.batch, *shape, device=args.device, generator=torch.Generator(args.device).manual_seed(0))
+    configs = [("sde", {}, "-")] + [("speculative", dict(drafter=d, window=w), w)
+                                    for d in args.drafters for w in args.windows]
+    with torch.no_grad():
+        for name, opts, window in configs:
+            s = build_sampler(name, steps=args.steps, eta=args.eta, **opts)
+            s.sample(model, noise, generator=torch.Generator(args.device).manual_seed(1))  # warm-up (bandit learns)
+            timed = Timed(model, args.device)
+            st = s.sample(timed, noise, generator=torch.Generator(args.device).manual_seed(0)).stats
+            print(f"{name:>12} {opts.get('drafter', '-'):>12} {str(window):>7} {st.sequential_nfe / args.steps:6.2f} "
+                  f"{st.total_nfe / args.steps:8.2f} {st.wall_time_s:7.3f} {timed.seconds:8.3f} "
+                  f"{100 * (1 - timed.seconds / st.wall_time_s):8.1f}%")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--eta", type=float, default=1.0)
+    ap.add_argument("--dims", type=int, nargs="+", default=[2, 16])
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--drafters", nargs="+", default=["frozen", "extrapolate"])
+    ap.add_argument("--windows", nargs="+", default=["2", "4", "8", "16", "bandit"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--overhead", action="store_true", help="time outside the model instead of the toy table")
+    ap.add_argument("--model", default="unet+toy", help="model for --overhead: unet | unet+toy (see make_model)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    args = ap.parse_args()
+    args.windows = [w if w == "bandit" else int(w) for w in args.windows]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overhead(args) if args.overhead else toy_table(args)
+
+
+if __name__ == "__main__":
+    main()
