@@ -13,7 +13,7 @@ from torch import Tensor
 
 __all__ = [
     "expand", "interpolate", "conditional_velocity", "x1_hat", "x0_hat", "score",
-    "time_grid", "transition_std", "transition_mean", "ancestral_step",
+    "time_grid", "transition_std", "transition_mean", "transition_coefficients", "ancestral_step",
 ]
 
 
@@ -97,6 +97,18 @@ def transition_mean(x: Tensor, t: Tensor | float, s: Tensor | float, v: Tensor, 
     t_, s_ = expand(t, x), expand(s, x)
     c = transition_std(t_, s_, eta)
     return s_ * x1_hat(x, t_, v) + ((1 - s_) ** 2 - c**2).clamp_min(0).sqrt() * x0_hat(x, t_, v)
+
+
+def transition_coefficients(t: Tensor, s: Tensor, eta: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(a, b, c) of the ancestral step t → s written as  x_s = a·x + b·v + c·ε  (so transition_mean = a·x + b·v).
+
+    From the mean s·(x + (1 − t)·v) + g·(x − t·v), g = sqrt(σ_s² − c²):  a = s + g,  b = s·(1 − t) − g·t.
+    Shaped like t and s (not broadcast against x): vectorised samplers compute them once per round.
+    """
+    c = transition_std(t, s, eta)
+    t, s = t.to(c.dtype), s.to(c.dtype)
+    g = ((1 - s) ** 2 - c**2).clamp_min(0).sqrt()
+    return s + g, s * (1 - t) - g * t, c
 
 
 def ancestral_step(x: Tensor, t, s, v: Tensor, noise: Tensor, eta: float = 1.0) -> Tensor:

@@ -125,7 +125,7 @@ def test_conditioning_follows_the_rows_of_ragged_calls():
                                                 generator=torch.Generator().manual_seed(1)).samples
     res = build_sampler("speculative", steps=20, drafter="model", window=5).sample(
         model, _noise(30), cond=cond, draft=model, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(res.samples, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(res.samples, ref, rtol=1e-10, atol=1e-10)
     spec = build_sampler("speculative", steps=20, window=5).sample(model, _noise(30), cond=cond).samples
     assert (spec[cond == 1].mean(0) - offset[1]).abs().max() < 1.5  # samples land near their class's data
 

@@ -130,7 +130,20 @@ def test_draft_equal_to_target_reproduces_sde_sample_for_sample():
     for window in (1, 3, 8):
         res = build_sampler("speculative", steps=25, drafter="model", window=window).sample(
             gm, x0, draft=gm, generator=torch.Generator().manual_seed(5))
-        torch.testing.assert_close(res.samples, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(res.samples, ref, rtol=1e-10, atol=1e-10)
         assert res.stats.acceptance_rate > 0.999 and res.stats.rounds == math.ceil(25 / window)
         # a last round holding only the target's own (already paid) step makes no call
         assert res.stats.sequential_nfe == res.stats.rounds - (25 % window == 1 or window == 1)
+
+
+def test_transition_coefficients_match_transition_mean():
+    from specflow.path import transition_coefficients, transition_mean, transition_std
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(64, generator=g, dtype=torch.float64) * 0.9
+    s = t + torch.rand(64, generator=g, dtype=torch.float64) * (1 - t)
+    t[0], s[1] = 0.0, 1.0  # the edges
+    x, v = torch.randn(64, 3, generator=g, dtype=torch.float64), torch.randn(64, 3, generator=g, dtype=torch.float64)
+    for eta in (1.0, 0.6):
+        a, b, c = transition_coefficients(t, s, eta)
+        torch.testing.assert_close(a[:, None] * x + b[:, None] * v, transition_mean(x, t, s, v, eta))
+        assert c.equal(transition_std(t, s, eta)) and c[1] == 0
