@@ -10,20 +10,23 @@ import torch
 from specflow.nets import build_net, count_params
 
 CONFIGS = {
-    "digits-8px (train on CPU)": ("unet", dict(image_size=8, model_channels=48, channel_mult=(1, 2), num_res_blocks=2,
-                                               attention_resolutions=(4,), num_classes=10)),
+    "digits-8px mc32 (config)": ("unet", dict(image_size=8, model_channels=32, channel_mult=(1, 2),
+                                              attention_resolutions=(4,), num_classes=10)),
+    "digits-8px mc48": ("unet", dict(image_size=8, model_channels=48, channel_mult=(1, 2),
+                                     attention_resolutions=(4,), num_classes=10)),
     "digits-16px (train on CPU)": ("unet", dict(image_size=16, model_channels=32, channel_mult=(1, 2, 2),
                                                 attention_resolutions=(8,), num_classes=10)),
     "bench-7M-16px": ("unet", dict(image_size=16, model_channels=64, channel_mult=(1, 2, 2),
                                    attention_resolutions=(8,), num_classes=10)),
     "unet mc96 (1,2,2) 16px": ("unet", dict(image_size=16, model_channels=96, channel_mult=(1, 2, 2),
                                             attention_resolutions=(8,), num_classes=10)),
-    "dit-S/2 32px": ("dit", dict(image_size=32, in_channels=3, patch_size=2, num_classes=10)),
+    "dit h256 d6 16px p2": ("dit", dict(image_size=16, in_channels=1, patch_size=2, hidden_size=256, depth=6,
+                                        num_heads=4, num_classes=10)),
 }
 
 
 def timed(fn, reps: int) -> float:
-    fn()  # warm-up
+    fn(), fn()  # warm-up (allocator, oneDNN kernels, optimizer state)
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
@@ -37,7 +40,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"batch {args.batch}, {args.threads} threads")
+    print(f"batch {args.batch}, {args.threads} threads, torch {torch.__version__}")
     print(f"{'config':28s} {'params':>10s} {'fwd ms':>9s} {'train-step ms':>14s}")
     for name, (arch, kw) in CONFIGS.items():
         net = build_net(arch, **kw)
