@@ -46,6 +46,7 @@ class _Round:
     coef: tuple  # target step j: m_j = a_j·y_j + b_j·v_j, std c_j; each (L, A)
     V: Tensor = None   # (L+1, A, ...) target velocities where evaluated (or known)
     E: Tensor = None   # (L+1, A) bool: evaluated by this round's target call
+    H: Tensor = None   # (L+1, A, ...) the target's trunk features where evaluated (drafters that read them)
 
 
 @register
@@ -92,6 +93,10 @@ class Speculative(Sampler):
     @property
     def needs_draft(self) -> bool:
         return DRAFTERS[self.drafter].needs_network
+
+    @property
+    def needs_features(self) -> bool:  # the shell then keeps the target's features of every call
+        return getattr(DRAFTERS[self.drafter], "needs_features", False)
 
     def state_dict(self) -> dict:
         return {"bandit": self._bandit.state_dict()} if self._bandit is not None else {}
@@ -189,6 +194,10 @@ class Speculative(Sampler):
         r.V = torch.zeros_like(r.Y)
         if rows.numel():  # none only when every sample takes its last step with a velocity already paid for
             r.V[r.E] = f(r.Y[r.E], r.T[r.E], rows, step=_Steps(ka, ka + last))
+            h = getattr(f, "features", None) if self.needs_features else None
+            if h is not None:
+                r.H = h.new_zeros((*r.E.shape, *h.shape[1:]))
+                r.H[r.E] = h
         r.V[0, ex] = v[ex]
 
     def _verify(self, r: _Round, ex, ka, act, L, noise):
@@ -211,7 +220,8 @@ class Speculative(Sampler):
         for j in range(r.Y.shape[0]):
             pos = O[j].nonzero().squeeze(1)
             if pos.numel():
-                drafter.observe(act[pos], r.Y[j, pos], r.T[j, pos], r.V[j, pos])
+                h = () if r.H is None else (r.H[j, pos],)
+                drafter.observe(act[pos], r.Y[j, pos], r.T[j, pos], r.V[j, pos], *h)
 
 
 def _keyed_draw(keys: Tensor, steps: Tensor, like: Tensor):
