@@ -1,0 +1,143 @@
+"""Deterministic accelerations (sfm, rca, fastflow) against euler-N and equal-NFE baselines.
+
+    python benchmarks/deterministic.py [--steps 50 100] [--batch 256] [--device cpu] [--models toy2 toy64]
+                                       [--ckpt digits.ckpt] [--warmup 4]
+
+One table per (model, N). Rows: euler-N (the reference the accelerations approximate), each accelerated
+run, then the honest baselines — euler and ab2 with round(total_nfe) steps and heun with round(total_nfe/2)
+steps (heun pays 2 calls per step) for every accelerated run's cost. Columns:
+  total_nfe, seq_nfe     target rows per sample / batched target calls (stats, counted by the Evaluator)
+  acc                    sfm acceptance rate of checked leaps
+  err_eN / psnr_eN       relative L2 error vs euler-N (PSNR in data space [-1, 1] for image models)
+  err_fine               relative L2 error vs heun with 4N steps (the fine reference)
+  time                   wall time / wall time of euler-N, same process, same batch
+Bandit samplers (sfm leap=bandit, fastflow) learn online: they first see ``--warmup`` other batches (fastflow's
+first one calibrates μ), then the table batch. rca is lossy by design (no check, no fallback).
+Models: toy2 / toy64 are the analytic mixture's exact velocity (dim 2; dim 64 shaped 1x8x8 with means of
+norm 2, i.e. pixel scale ~0.25, reported with PSNR); --ckpt loads a trained TargetFlow (EMA net).
+"""
+import argparse
+import math
+import time
+
+import torch
+
+from specflow.data.toy import GaussianMixture
+from specflow.sampling import build_sampler
+
+ACCEL = [  # (label, sampler, options, learns online)
+    ("sfm L2 tol.05", "sfm", dict(leap=2, tol=0.05), False),
+    ("sfm L4 tol.1", "sfm", dict(leap=4, tol=0.1), False),
+    ("sfm L4 tol.2", "sfm", dict(leap=4, tol=0.2), False),
+    ("sfm bandit tol.05", "sfm", dict(leap="bandit", tol=0.05), True),
+    ("sfm bandit(1,2,4) tol.1", "sfm", dict(leap="bandit", arms=(1, 2, 4), tol=0.1), True),
+    ("rca L2 (lossy)", "rca", dict(leap=2), False),
+    ("rca L4 (lossy)", "rca", dict(leap=4), False),
+    ("fastflow", "fastflow", dict(), True),
+    ("fastflow mu x3", "fastflow", dict(mu_scale=3.0), True),
+]
+
+
+def load_model(name: str, args):
+    """(velocity model, sample shape, dtype, cond maker, is_image)."""
+    if name == "toy2":
+        return GaussianMixture.default(dim=2), (2,), torch.float64, None, False
+    if name == "toy64":
+        gm = GaussianMixture.default(dim=64)
+        gm.means = gm.means.to(args.device)
+        gm.stds, gm.weights = gm.stds.to(args.device), gm.weights.to(args.device)
+        return gm, (1, 8, 8), torch.float64, None, True
+    from specflow.lit.target import TargetFlow  # only the checkpoint path needs Lightning
+
+    lit = TargetFlow.load_from_checkpoint(name, map_location=args.device)
+    net = lit.velocity_model(ema=True).to(args.device)
+    hp = lit.hparams.net or {}
+    shape = (hp.get("in_channels", 1), hp.get("image_size", 8), hp.get("image_size", 8))
+    ncls = lit.num_classes
+    cond = (lambda B, g: torch.randint(0, ncls, (B,), generator=g).to(args.device)) if ncls else None
+    return net, shape, torch.float32, cond, True
+
+
+def timed(sampler, model, x0, cond):
+    res = sampler.sample(model, x0, cond=cond)
+    return res, res.stats.wall_time_s
+
+
+def error(a, b, image):
+    rel = float((a - b).norm() / b.norm())
+    if not image:
+        return f"{rel:.2e}"
+    mse = float(((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).mean())
+    return f"{rel:.2e} / {10 * math.log10(4 / max(mse, 1e-30)):5.1f}dB"
+
+
+def table(model_name, N, args):
+    model, shape, dtype, make_cond, image = load_model(model_name, args)
+    g = torch.Generator().manual_seed(args.seed)
+    x0 = torch.randn(args.batch, *shape, generator=g, dtype=dtype).to(args.device)
+    cond = make_cond(args.batch, g) if make_cond else None
+    fine = build_sampler("heun", steps=4 * N).sample(model, x0, cond=cond).samples
+    rows = []
+
+    def add(label, res, ref_time):
+        s = res.stats
+        acc = "" if math.isnan(s.acceptance_rate) else f"{s.acceptance_rate:.2f}"
+        rows.append((label, f"{s.total_nfe:.1f}", str(s.sequential_nfe), acc, error(res.samples, eN, image),
+                     error(res.samples, fine, False), f"{s.wall_time_s / ref_time:.2f}"))
+
+    build_sampler("euler", steps=N).sample(model, x0, cond=cond)  # warm-up (allocator, threads)
+    res_eN, t_eN = min((timed(build_sampler("euler", steps=N), model, x0, cond) for _ in range(3)),
+                       key=lambda r: r[1])
+    eN = res_eN.samples
+    add(f"euler-{N} (reference)", res_eN, t_eN)
+    costs = []
+    for label, name, opts, learns in ACCEL:
+        try:
+            s = build_sampler(name, steps=N, **opts)
+        except ValueError as e:
+            rows.append((label, "n/a: " + str(e)[:60], "", "", "", "", ""))
+            continue
+        if learns:
+            for w in range(args.warmup):
+                xw = torch.randn(args.batch, *shape, generator=g, dtype=dtype).to(args.device)
+                s.sample(model, xw, cond=make_cond(args.batch, g) if make_cond else None)
+        res, _ = timed(s, model, x0, cond)
+        add(label, res, t_eN)
+        costs.append(res.stats.total_nfe)
+    done = set()
+    for c in sorted(costs):
+        for name, M in (("euler", round(c)), ("ab2", round(c)), ("heun", max(1, round(c / 2)))):
+            if (name, M) in done or M < 1:
+                continue
+            done.add((name, M))
+            res, _ = timed(build_sampler(name, steps=M), model, x0, cond)
+            add(f"  {name}-{M}", res, t_eN)
+    err_col = "err_eN / psnr_eN" if image else "err_eN"
+    head = ("method", "total_nfe", "seq_nfe", "acc", err_col, "err_fine", "time")
+    w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    print(f"\n### {model_name}, N = {N}, batch {args.batch}, {args.device}, dtype {str(dtype)[6:]}")
+    for r in [head] + rows:
+        print("  ".join(str(v).ljust(w[i]) for i, v in enumerate(r)))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, nargs="+", default=[50, 100])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--models", nargs="*", default=["toy2", "toy64"], help="toy2 toy64 (none: only --ckpt)")
+    p.add_argument("--ckpt", default=None, help="a TargetFlow checkpoint (e.g. the trained digits UNet)")
+    p.add_argument("--warmup", type=int, default=4, help="batches the online-learning samplers see first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = args.models + ([args.ckpt] if args.ckpt else [])
+    for m in models:
+        for N in args.steps:
+            table(m, N, args)
+
+
+if __name__ == "__main__":
+    main()
