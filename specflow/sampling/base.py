@@ -30,6 +30,7 @@ class Sampler:
 
     name: ClassVar[str] = "base"
     needs_draft: ClassVar[bool] = False
+    needs_features: ClassVar[bool] = False  # the drafter reads the target's trunk features (medusa)
     steps: int = 100
     schedule: str = "uniform"
 
@@ -62,7 +63,7 @@ class Sampler:
             raise ValueError(f"sampler {self.name!r} with these options needs a draft network: "
                              f"call sample(..., draft=...) (see specflow.load_draft)")
         stats = SampleStats(baseline_steps=self.steps)
-        target = Evaluator(model, cond, B, stats, "target")
+        target = Evaluator(model, cond, B, stats, "target", keep_features=self.needs_features)
         drafter = Evaluator(draft, cond, B, stats, "draft") if draft is not None else None
         grid = time_grid(self.steps, device=noise.device, dtype=torch.float64, schedule=self.schedule)
         t0 = time.perf_counter()

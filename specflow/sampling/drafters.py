@@ -3,13 +3,16 @@
 One small protocol serves the exact speculative sampler and the deterministic leap samplers (sfm, rca):
 
     d = make_drafter("extrapolate"); d.reset(x)            # per-sample buffers for a batch like x
-    d.observe(rows, x, t, v)                               # a paid target evaluation at (x, t) for those rows
+    d.observe(rows, x, t, v, h)                            # a paid target evaluation at (x, t) for those rows
+                                                           # (h: its trunk features if ``needs_features``)
     v_hat = d(y, s, rows, j, net)                          # draft velocity at drafted state y, time s,
                                                            # j-th step of the current window
 Drafters work in x1_hat space (the predicted data changes slowly along the path, the velocity does not):
 v̂(y, s) = (x̂1(s) − y) / (1 − s). Drafted states are never at s = 1 (a velocity is read at a step's start).
 ``net`` is the draft-network Evaluator for drafters that need one (``needs_network``), else None.
-New drafters (the trained ``model`` and ``medusa`` ones) register with ``@register_drafter``.
+A drafter with ``needs_features`` makes the sampler evaluate its target as ``output(features(x, t, cond))``
+and pass the features of every observed row to ``observe`` (samplers never special-case drafter names).
+New drafters register with ``@register_drafter``.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ def make_drafter(name: str) -> "Drafter":
 class Drafter:
     name = "base"
     needs_network = False
+    needs_features = False
 
     def reset(self, like: Tensor) -> None:
         B = like.shape[0]
@@ -43,7 +47,7 @@ class Drafter:
         self.t_prev = like.new_zeros(B, dtype=like.dtype)
         self.n_obs = like.new_zeros(B, dtype=like.dtype)
 
-    def observe(self, rows: Tensor, x: Tensor, t: Tensor, v: Tensor) -> None:
+    def observe(self, rows: Tensor, x: Tensor, t: Tensor, v: Tensor, h: Tensor | None = None) -> None:
         self.x1_prev[rows], self.t_prev[rows] = self.x1[rows], self.t[rows]
         self.x1[rows], self.t[rows] = x1_hat(x, t.to(x.dtype), v), t.to(x.dtype)
         self.n_obs[rows] += 1
@@ -89,3 +93,41 @@ class Model(Drafter):
 
     def __call__(self, y, s, rows, j, net=None):
         return net(y, s.to(y.dtype), rows, step=j)
+
+
+@register_drafter
+class Medusa(Drafter):
+    """Heads on the target's trunk (``specflow.nets.heads.MedusaHeads``) passed as ``sample(..., draft=heads)``.
+
+    From the features h_k of the last paid target evaluation of a sample, at (x_k, t_k) with prediction
+    x̂1_k, the heads guess x̂1 at any later drafted state: x̂1(y, s) = heads(h_k, x_k, x̂1_k, y; t_k, s).
+    Before a sample's first evaluation there are no features: the frozen guess (x̂1 = 0) is used.
+    """
+
+    name = "medusa"
+    needs_network = True
+    needs_features = True
+
+    def reset(self, like: Tensor) -> None:
+        super().reset(like)
+        self.x = like.new_zeros(like.shape)  # the state of the last paid evaluation, per sample
+        self.h = None  # (B, *feature shape), allocated at the first observation
+
+    def observe(self, rows, x, t, v, h=None):
+        if h is None:
+            raise ValueError("the medusa drafter observed a target evaluation without its features; the sampler "
+                             "must pass them (Evaluator(keep_features=True) and drafter.observe(..., h))")
+        super().observe(rows, x, t, v)
+        if self.h is None:
+            self.h = h.new_zeros((self.x.shape[0], *h.shape[1:]))
+        self.x[rows], self.h[rows] = x, h
+
+    def __call__(self, y, s, rows, j, net=None):
+        s = s.to(y.dtype)
+        v = (self.x1[rows] - y) / (1 - expand(s, y))  # frozen guess, kept for samples never evaluated yet
+        seen = (self.n_obs[rows] > 0).nonzero().squeeze(1)
+        if seen.numel():
+            r = rows[seen]
+            v[seen] = net(y[seen], s[seen], r, step=j, features=self.h[r], x_src=self.x[r], t_src=self.t[r],
+                          x1_src=self.x1[r])
+        return v

@@ -97,6 +97,10 @@ class SFM(Sampler):
     def needs_draft(self) -> bool:  # the trained drafters take their network from sample(draft=...)
         return DRAFTERS[self.drafter].needs_network
 
+    @property
+    def needs_features(self) -> bool:  # medusa: the target call also returns its trunk features
+        return DRAFTERS[self.drafter].needs_features
+
     def _choose(self, t: Tensor, cap: Tensor):
         """Leap lengths for samples at times t with at most ``cap`` steps; the bandit contexts and which rows
         play the bandit's own choice (not clamped by the cap), or None without a bandit."""
@@ -124,7 +128,7 @@ class SFM(Sampler):
         retry = torch.zeros(B, dtype=torch.bool, device=x.device)  # a rejected leap retries with L = 1
         all_rows = torch.arange(B, device=x.device)
         v = f(x, grid[0], step=0)  # v_0: the one call every sampler pays
-        drafter.observe(all_rows, x, grid[0].expand(B), v)
+        drafter.observe(all_rows, x, grid[0].expand(B), v, f.features)
         x = x.clone()
         while True:
             last = k == N - 1  # final step to t = 1: Euler with the paid v_{N-1}, no evaluation at t = 1
@@ -140,11 +144,12 @@ class SFM(Sampler):
             y = self._leap(drafter, draft, x[rows], v[rows], kr, L, grid, rows)
             s = grid[kr + L]
             v_s = f(y, s, rows=rows, step=int(kr.min()))  # the one target call of this round
+            h_s = f.features  # its trunk features (None unless the drafter reads them)
             ok = self._accept(drafter, draft, y, s, v_s, rows, L, stats)
             x_new, v_new = self._commit(x[rows], v[rows], y, v_s, grid[kr], s)
             acc = rows[ok]
             x[acc], v[acc], k[acc] = x_new[ok], v_new[ok], kr[ok] + L[ok]
-            drafter.observe(acc, y[ok], s[ok], v_s[ok])  # the target's own prediction at x̃
+            drafter.observe(acc, y[ok], s[ok], v_s[ok], None if h_s is None else h_s[ok])  # the target at x̃
             retry[rows] = ~ok
             stats.rounds += 1
             for a, c in zip(*torch.unique(L, return_counts=True)):
@@ -208,7 +213,7 @@ class RCA(SFM):
         drafter.reset(x)
         rows = torch.arange(B, device=x.device)
         v = f(x, grid[0], step=0)
-        drafter.observe(rows, x, grid[0].expand(B), v)
+        drafter.observe(rows, x, grid[0].expand(B), v, f.features)
         k = 0
         while k < N:  # all samples move together: no check, so nothing makes them ragged
             L = min(self.leap, N - k)
@@ -217,7 +222,7 @@ class RCA(SFM):
             v_s = f(y, grid[k + L], step=k)  # target at the leap's end
             x = x + (grid[k + L] - grid[k]).to(x.dtype) * (v + v_s) / 2  # trapezoid correction
             v = v_s  # reused at the corrected state: the lossy part
-            drafter.observe(rows, y, grid[k + L].expand(B), v_s)
+            drafter.observe(rows, y, grid[k + L].expand(B), v_s, f.features)
             stats.rounds += 1
             stats.arm_counts[L] = stats.arm_counts.get(L, 0) + 1
             k += L

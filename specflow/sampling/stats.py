@@ -48,18 +48,33 @@ class Evaluator:
     Every target (or draft) forward goes through here, so the stats cannot drift from the truth.
     """
 
-    def __init__(self, model, cond: Tensor | None, batch: int, stats: SampleStats, kind: str = "target"):
+    def __init__(self, model, cond: Tensor | None, batch: int, stats: SampleStats, kind: str = "target",
+                 keep_features: bool = False):
         self.model, self.cond, self.batch, self.stats, self.kind = model, cond, batch, stats, kind
         self.calls, self.rows = 0, 0
+        # Drafters that read the target's trunk (medusa) need v = output(h), h = features(x, t, cond), and h.
+        self.keep_features, self.features = keep_features, None
+        if keep_features and not (callable(getattr(model, "features", None)) and callable(getattr(model, "output", None))):
+            raise ValueError(f"this drafter reads the {kind}'s trunk features, so the {kind} must expose "
+                             f"features(x, t, cond) and output(h) (the specflow.nets UNet/MLP, as returned by "
+                             f"specflow.load_target); got {type(model).__name__}, e.g. a guidance wrapper or a "
+                             f"plain function — use another drafter there")
 
-    def __call__(self, x: Tensor, t: Tensor, rows: Tensor | None = None, *, step: int | None = None) -> Tensor:
-        """v = model(x, t, cond[rows]); ``rows`` maps each row of x to its sample (default: all, in order)."""
+    def __call__(self, x: Tensor, t: Tensor, rows: Tensor | None = None, *, step: int | None = None,
+                 **context) -> Tensor:
+        """v = model(x, t, cond[rows], **context); ``rows`` maps each row of x to its sample (default: all, in
+        order). With ``keep_features``, ``self.features`` holds the trunk features of these rows afterwards."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         cond = self.cond
         if cond is not None and rows is not None:
             cond = cond[rows]
-        v = self.model(x, t.to(x.dtype), cond) if cond is not None else self.model(x, t.to(x.dtype))
+        args = (x, t.to(x.dtype)) if cond is None else (x, t.to(x.dtype), cond)
+        if self.keep_features:
+            self.features = self.model.features(*args)
+            v = self.model.output(self.features)
+        else:
+            v = self.model(*args, **context)
         self.calls += 1
         self.rows += x.shape[0]
         if not isinstance(v, Tensor) or v.shape != x.shape:
