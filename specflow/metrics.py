@@ -351,8 +351,10 @@ def _bootstrap(stat, sizes: tuple[int, ...], n_boot: int, level: float, seed: in
 def bootstrap_fid(real: Tensor, fake: Tensor, n_boot: int = 200, level: float = 0.95, seed: int = 0) -> Interval:
     """FID of ``fake`` against ``real`` features, with a percentile interval from resampling both sets."""
     _check(real, fake)
-    return _bootstrap(lambda i, j: fid_from_features(real[i], fake[j]), (len(real), len(fake)), n_boot, level, seed,
-                      fid_from_features(real, fake))
+    iv = _bootstrap(lambda i, j: fid_from_features(real[i], fake[j]), (len(real), len(fake)), n_boot, level, seed,
+                    fid_from_features(real, fake))
+    iv.low = max(iv.low, 0.0)  # a distance: the bias shift must not push the interval below zero
+    return iv
 
 
 def bootstrap_fid_difference(real: Tensor, a: Tensor, b: Tensor, n_boot: int = 200, level: float = 0.95,
