@@ -41,12 +41,13 @@ class _Round:
 
     Y: Tensor   # (L+1, A, ...) drafted states y_j
     T: Tensor   # (L+1, A) their times
-    Mh: Tensor  # (L, A, ...) draft means m̂_j
+    eps: Tensor  # (L, A, ...) ε_{k+j}: y_{j+1} = m̂_j + ĉ_j·ε_{k+j}
     Ch: Tensor  # (L, A) draft stds ĉ_j
     coef: tuple  # target step j: m_j = a_j·y_j + b_j·v_j, std c_j; each (L, A)
     V: Tensor = None   # (L+1, A, ...) target velocities where evaluated (or known)
     E: Tensor = None   # (L+1, A) bool: evaluated by this round's target call
     H: Tensor = None   # (L+1, A, ...) the target's trunk features where evaluated (drafters that read them)
+    last: Tensor = None  # (A,) the last j evaluated (L, or L − 1 when y_L is at t = 1)
 
 
 @register
@@ -135,10 +136,10 @@ class Speculative(Sampler):
                 i = rej.nonzero().squeeze(1)
                 pi, qi = p[a[i], i], q[a[i], i]
                 if self.draft_eta is None:  # reflection maximal coupling
-                    x_new[i] = reflect(qi.mean, pi.mean, pi.std, noise.eps[ka[i] + a[i], act[i]])
+                    x_new[i] = reflect(qi.mean, pi.mean, pi.std, r.eps[a[i], i])
                 else:  # general maximal coupling: residual (p − q)+ by keyed rejection sampling
                     x_new[i] = residual_sample(pi, qi, _keyed_draw(keys[act[i]], ka[i] + a[i], x))
-            self._observe(drafter, r, a, act)
+            self._observe(drafter, r, a, ex, act)
             x[act], k[act], v[act] = x_new, ka + adv, r.V[L, ar]
             known[act] = ~rej & (ka + adv < N)  # an all-accepted round evaluated y_L: it seeds the next
             proposed = proposed + (torch.minimum(a + 1, L) - ex.long()).sum()
@@ -167,28 +168,36 @@ class Speculative(Sampler):
         a_q, b_q, c_q = coef if self.draft_eta is None else transition_coefficients(T[:-1], T[1:], self.draft_eta)
         if self.draft_eta is not None:  # the target's own step (ex) uses the target's transition
             a_q, b_q, c_q = (torch.cat([torch.where(ex, p[:1], q[:1]), q[1:]]) for p, q in zip(coef, (a_q, b_q, c_q)))
-        r = _Round(Y=x.new_zeros((Lmax + 1, *x.shape)), T=T, Mh=x.new_zeros((Lmax, *x.shape)), Ch=c_q, coef=coef)
+        eps = noise.eps[(ka + torch.arange(Lmax, device=x.device)[:, None]).clamp(max=self.steps - 1), act]
+        r = _Round(Y=x.new_zeros((Lmax + 1, *x.shape)), T=T, eps=eps, Ch=c_q, coef=coef)
         r.Y[0] = x
-        col = (-1, *([1] * (x.ndim - 1)))
+        shape = (Lmax, A, *([1] * (x.ndim - 1)))
+        a_q, b_q, ce = a_q.view(shape), b_q.view(shape), c_q.view(shape) * eps  # ce_j = ĉ_j·ε_{k+j}
         for j in range(Lmax):
-            pos = slice(None) if j < Lmin else (L > j).nonzero().squeeze(1)
-            b, y = act[pos], r.Y[j, pos]
+            if j < Lmin:  # every sample drafts step j: plain views, no gathers
+                b, y, t = act, r.Y[j], T[j]
+            else:
+                pos = (L > j).nonzero().squeeze(1)
+                b, y, t = act[pos], r.Y[j, pos], T[j, pos]
             if j == 0:  # the velocity at x_k is the target's own where it was paid for, else drafted
                 v_hat = v.clone()
                 d = (~ex).nonzero().squeeze(1)
                 if d.numel():
-                    v_hat[d] = drafter(y[d], T[0, d], b[d], 0, draft)
+                    v_hat[d] = drafter(y[d], t[d], b[d], 0, draft)
             else:
-                v_hat = drafter(y, T[j, pos], b, j, draft)
-            m_hat = a_q[j, pos].view(col) * y + b_q[j, pos].view(col) * v_hat
-            r.Mh[j, pos] = m_hat
-            r.Y[j + 1, pos] = m_hat + c_q[j, pos].view(col) * noise.eps[(ka + j)[pos], b]
+                v_hat = drafter(y, t, b, j, draft)
+            if j < Lmin:  # y_{j+1} = a_j·y_j + b_j·v̂_j + ĉ_j·ε, written in place
+                torch.mul(a_q[j], y, out=r.Y[j + 1])
+                r.Y[j + 1] += b_q[j] * v_hat
+                r.Y[j + 1] += ce[j]
+            else:
+                r.Y[j + 1, pos] = a_q[j, pos] * y + b_q[j, pos] * v_hat + ce[j, pos]
         return r
 
     def _evaluate(self, f, r: _Round, ex, v, ka, act, L, N) -> None:
         """The round's one target call: y_j for j in [ex, L] of each sample (not y_L at t = 1)."""
         jj = torch.arange(r.Y.shape[0], device=ka.device)[:, None]
-        last = torch.where(ka + L < N, L, L - 1)
+        r.last = last = torch.where(ka + L < N, L, L - 1)
         r.E = (jj >= ex.long()) & (jj <= last)
         rows = act.expand(r.Y.shape[0], -1)[r.E]
         r.V = torch.zeros_like(r.Y)
@@ -202,10 +211,10 @@ class Speculative(Sampler):
 
     def _verify(self, r: _Round, ex, ka, act, L, noise):
         """Leading accepted steps a ∈ [0, L] per sample, and the target/draft laws p_j, q_j of every step."""
-        Lmax = r.Mh.shape[0]
-        a_p, b_p, c_p = (c.view(*c.shape, *([1] * (r.Y.ndim - 2))) for c in r.coef)
+        Lmax = r.eps.shape[0]
+        a_p, b_p, _ = (c.view(*c.shape, *([1] * (r.Y.ndim - 2))) for c in r.coef)
         p = IsoGaussian(a_p * r.Y[:-1] + b_p * r.V[:-1], r.coef[2])  # the target's step from each y_j
-        q = IsoGaussian(r.Mh, r.Ch)
+        q = IsoGaussian(r.Y[1:] - r.Ch.view(a_p.shape) * r.eps, r.Ch)  # the draft's: m̂_j = y_{j+1} − ĉ_j·ε
         u = noise.u[(ka + torch.arange(Lmax, device=ka.device)[:, None]).clamp(max=self.steps - 1), act]
         ok = u.log() <= log_acceptance(r.Y[1:], p, q)
         ok |= torch.arange(Lmax, device=ka.device)[:, None] >= L[None]  # padding
@@ -213,13 +222,17 @@ class Speculative(Sampler):
         a = torch.minimum(ok.long().cumprod(0).sum(0), L)
         return a, p, q
 
-    def _observe(self, drafter, r: _Round, a, act) -> None:
-        """Feed the drafter the target evaluations at chain states (y_j, j ≤ a), in order of time."""
-        jj = torch.arange(r.Y.shape[0], device=a.device)[:, None]
-        O = r.E & (jj <= a)
-        for j in range(r.Y.shape[0]):
-            pos = O[j].nonzero().squeeze(1)
+    def _observe(self, drafter, r: _Round, a, ex, act) -> None:
+        """Feed the drafter the target evaluations at chain states (y_j, ex ≤ j ≤ min(a, last)), in order of
+        time: the last ``drafter.memory`` of them per sample (default 2: what frozen, extrapolate and medusa
+        read; ``memory = None``: all). Never a discarded draft's, so no proposal sees its own step's noise."""
+        lo, hi = ex.long(), torch.minimum(a, r.last)  # each sample's evaluated chain states: lo..hi
+        memory = getattr(drafter, "memory", 2)
+        for m in reversed(range(r.Y.shape[0] if memory is None else memory)):
+            j = hi - m
+            pos = (j >= lo).nonzero().squeeze(1)
             if pos.numel():
+                j = j[pos]
                 h = () if r.H is None else (r.H[j, pos],)
                 drafter.observe(act[pos], r.Y[j, pos], r.T[j, pos], r.V[j, pos], *h)
 
