@@ -111,7 +111,7 @@ class _NoReflection(Speculative):
 
     def _verify(self, r, ex, ka, act, L, noise):
         a, p, q = super()._verify(r, ex, ka, act, L, noise)
-        r.Mh[:] = p.mean  # makes reflect() the identity on the rejected step: m + c·ε
+        q.mean.copy_(p.mean)  # after the decisions: makes reflect() the identity on the rejected step, m + c·ε
         return a, p, q
 
 
