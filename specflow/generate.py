@@ -1,0 +1,120 @@
+"""Generate n samples from a target (optionally with a draft) in batches, reproducibly per sample.
+
+    samples, labels, stats = generate(target, build_sampler("speculative", steps=100), n=64, batch_size=32,
+                                      seed=0, labels="cycle", guidance=None, draft=None, device="cpu")
+
+Sample i's initial noise and all of its sampler noise come from its own generator
+``per_sample_generators(seed, [i])`` (noise first, then the sampler continues the same stream), so sample i
+is the same whatever the batch size or the batch it lands in. Used by sample.py and the evaluation callback.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from specflow.sampling.base import Sampler
+from specflow.sampling.noise import per_sample_generators, randn
+from specflow.sampling.stats import SampleStats
+
+
+@dataclass
+class Generated:
+    samples: Tensor  # (n, ...) float32 on the CPU
+    labels: Tensor | None  # (n,) long class labels, or None (unconditional)
+    stats: SampleStats  # summed over batches (see merge_stats)
+
+
+def sample_shape(net) -> tuple[int, ...]:
+    """The shape of one sample for a specflow net: (C, H, W) for UNet/DiT, (dim,) for the MLP."""
+    C, S = getattr(net, "in_channels", None), getattr(net, "image_size", None)
+    if C is None:
+        raise ValueError(f"cannot tell the sample shape of a {type(net).__name__}: it has no in_channels "
+                         f"(use a specflow.nets model, e.g. from specflow.load_target)")
+    return (C,) if S is None else (C, S, S)
+
+
+def resolve_labels(labels, n: int, num_classes: int | None, seed: int) -> Tensor | None:
+    """Class labels per sample: None (unconditional or the null class), "random" (uniform, from ``seed``),
+    "cycle" (0, 1, …, K−1, 0, …), an int (all the same) or a list/tensor cycled to length n."""
+    if labels is None:
+        return None
+    if num_classes is None:
+        raise ValueError(f"labels={labels!r} given, but the target is unconditional (num_classes is None); "
+                         f"drop --labels")
+    if isinstance(labels, str):
+        if labels == "random":
+            return torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(seed + 7919))
+        if labels == "cycle":
+            return torch.arange(n) % num_classes
+        raise ValueError(f"labels must be 'random', 'cycle', an int or a list of ints; got {labels!r}")
+    lab = torch.as_tensor([labels] if isinstance(labels, int) else labels, dtype=torch.long).flatten()
+    if lab.numel() == 0 or lab.min() < 0 or lab.max() >= num_classes:
+        raise ValueError(f"class labels must lie in [0, {num_classes - 1}]; got {lab.tolist()}")
+    return lab.repeat(math.ceil(n / lab.numel()))[:n]
+
+
+def merge_stats(parts: list[tuple[SampleStats, int]]) -> SampleStats:
+    """Stats of consecutive batches: calls, rounds, wall time and counts add up; per-sample quantities
+    (total_nfe, draft_nfe) are averaged with the batch sizes as weights. ``sequential_nfe`` is the sum over
+    batches: the calls on the critical path of the whole run."""
+    out = SampleStats(baseline_steps=parts[0][0].baseline_steps)
+    n = sum(b for _, b in parts)
+    for st, b in parts:
+        out.sequential_nfe += st.sequential_nfe
+        out.total_nfe += st.total_nfe * b / n
+        out.draft_nfe += st.draft_nfe * b / n
+        out.proposed += st.proposed
+        out.accepted += st.accepted
+        out.rounds += st.rounds
+        out.wall_time_s += st.wall_time_s
+        for arm, c in st.arm_counts.items():
+            out.arm_counts[arm] = out.arm_counts.get(arm, 0) + c
+    if out.proposed:
+        out.acceptance_rate = out.accepted / out.proposed
+    return out
+
+
+def generate(target, sampler: Sampler, n: int, batch_size: int, seed: int = 0, labels=None,
+             guidance: float | None = None, draft=None, device: str | torch.device = "cpu") -> Generated:
+    """n samples of ``target`` (a specflow net) with ``sampler``, ``batch_size`` at a time, on ``device``.
+
+    ``guidance``: classifier-free guidance scale (None: the plain model; needs labels and a conditional net).
+    """
+    from specflow.checkpoint import parse_device  # late: keeps this module free of Lightning at import
+
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"the number of samples must be a positive integer, got {n!r}")
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(sampler, Sampler):
+        raise ValueError(f"sampler must be built with specflow.sampling.build_sampler, got {type(sampler).__name__}")
+    dev = parse_device(device)
+    target = target.to(dev).eval()
+    if draft is not None:
+        draft = draft.to(dev).eval()
+    if sampler.needs_draft and draft is None:
+        raise ValueError(f"sampler {sampler.name!r} with drafter {getattr(sampler, 'drafter', None)!r} needs a draft: "
+                         f"pass draft= (specflow.load_draft / sample.py --draft)")
+    shape = sample_shape(target)
+    lab = resolve_labels(labels, n, getattr(target, "num_classes", None), seed)
+    model = target
+    if guidance is not None:
+        from specflow.lit.guidance import guidance as guided
+
+        if lab is None:
+            raise ValueError(f"guidance={guidance} needs class labels (labels='random', 'cycle' or a list)")
+        model = guided(target, guidance)
+    like = torch.empty((), device=dev, dtype=torch.float32)
+    outs, parts = [], []
+    for lo in range(0, n, batch_size):
+        idx = list(range(lo, min(n, lo + batch_size)))
+        gens = per_sample_generators(seed, idx)
+        noise = randn((len(idx), *shape), gens, like)
+        cond = lab[idx].to(dev) if lab is not None else None
+        res = sampler.sample(model, noise, cond=cond, draft=draft, generator=gens)
+        outs.append(res.samples.float().cpu())
+        parts.append((res.stats, len(idx)))
+    return Generated(torch.cat(outs), lab, merge_stats(parts))
