@@ -61,6 +61,11 @@ class Speculative(Sampler):
         ``buckets``, by ``policy`` = "ucb1" | "thompson", seeded by ``seed``; the bandit learns across calls).
     draft_eta: None = the draft proposes with η (reflection coupling); else the draft's own η, whose
         transition has another covariance, coupled by the general maximal coupling.
+
+    Determinism: a seeded generator reproduces a batch exactly. With per-sample generators
+    (``noise.per_sample_generators``) and a fixed window, a sample is the same alone or in any batch (the
+    residual draws are keyed by (sample, step, attempt), see keyed.py); with ``window="bandit"`` the
+    windows depend on the batch through the shared bandit, so only the law is batch-independent.
     """
 
     name = "speculative"
