@@ -197,3 +197,12 @@ def test_data_and_net_shape_mismatch_names_the_key(tmp_path):
               "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "1",
               "--model.net", '{"image_size": 16, "in_channels": 1, "model_channels": 8, "channel_mult": [1, 2], '
                              '"num_res_blocks": 1, "attention_resolutions": [], "num_heads": 1, "num_classes": 10}'])
+
+
+def test_image_size_the_net_cannot_take_is_a_clear_error(tmp_path):
+    # Two downsamplings need a multiple of 4: 10 px cannot pass through this UNet.
+    with pytest.raises(ValueError, match=r"cannot take image_size=10"):
+        main(["fit", "--config", str(ROOT / "configs/digits.yaml"), *QUIET, "--trainer.logger", "false",
+              "--trainer.default_root_dir", str(tmp_path), "--data.image_size", "16",
+              "--model.net", '{"image_size": 10, "in_channels": 1, "model_channels": 8, "channel_mult": [1, 2, 2], '
+                             '"num_res_blocks": 1, "attention_resolutions": [], "num_heads": 1, "num_classes": 10}'])

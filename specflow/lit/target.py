@@ -138,9 +138,9 @@ class TargetFlow(pl.LightningModule):
         return loss
 
     def _logging_step(self) -> bool:
-        """True on the steps the logger writes (every ``log_every_n_steps``). ``self.log`` costs ~1 ms of
-        Python per call, which is most of Lightning's overhead on a small net, and between these steps
-        the logger discards the values anyway."""
+        """True on the steps the logger writes (every ``log_every_n_steps``). ``self.log`` costs about a
+        millisecond of Python per call, most of Lightning's overhead on a small net, and between these steps
+        the logger discards the values anyway (the progress bar shows the last logged loss)."""
         tr = self.trainer
         every = tr.log_every_n_steps
         return bool(tr.fast_dev_run) or (every > 0 and (self.global_step + 1) % every == 0)
