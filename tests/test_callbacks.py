@@ -98,8 +98,10 @@ def test_schedule_state_and_vector_data(tmp_path):
     assert not any("fid" in k for k in cb.last_metrics) and cb.last_metrics["eval/fastflow/total_nfe"] > 0
     state = cb.state_dict()["samplers"]["fastflow"]
     assert state["mu"] is not None and int(state["bandit"]["n"].sum()) > 0  # calibrated, then learned
-    fresh = SamplingEvaluation(samplers=[dict(name="fastflow", steps=12)], every_n_steps=10)
-    fresh.load_state_dict(cb.state_dict())
+    trainer.save_checkpoint(tmp_path / "eval.ckpt")  # the bandit state rides along, loadable weights_only
+    saved = torch.load(tmp_path / "eval.ckpt", weights_only=True)["callbacks"][cb.state_key]
+    fresh = SamplingEvaluation(samplers=[dict(name="fastflow", steps=12)], every_n_steps=None, every_n_epochs=1)
+    fresh.load_state_dict(saved)
     assert torch.equal(fresh.samplers["fastflow"].state_dict()["bandit"]["n"], state["bandit"]["n"])
 
 

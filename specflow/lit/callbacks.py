@@ -204,6 +204,11 @@ class SamplingEvaluation(pl.Callback):
                 and trainer.global_step != self._last_step):
             self.evaluate(trainer, pl_module)
 
+    @property
+    def state_key(self) -> str:  # two evaluation callbacks with other samplers keep separate states
+        return self._generate_state_key(samplers=tuple(self.samplers), every_n_steps=self.every_n_steps,
+                                        every_n_epochs=self.every_n_epochs)
+
     def state_dict(self) -> dict:
         return {"samplers": {label: s.state_dict() for label, s in self.samplers.items()}}
 
