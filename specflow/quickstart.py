@@ -1,0 +1,135 @@
+"""The main job on the embedded default: ``python -m specflow.quickstart``.
+
+1. trains the class-conditional digits target (configs/digits.yaml; scikit-learn's 8×8 digits, no download),
+2. trains Medusa heads on the frozen target (configs/digits_medusa.yaml),
+3. samples the same per-sample noise with euler / heun / sde / speculative / sfm / fastflow,
+4. prints one table — sequential and total NFE, acceptance, wall time vs the sampler's baseline, FID-proxy
+   (features of a small digits classifier, see specflow.metrics) — and writes a comparison grid.
+
+Finished checkpoints are reused, so a second run only samples (``--retrain`` starts over); an interrupted
+training run resumes from its last checkpoint. Everything lands in runs/ under the current directory.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _train(entry, config: Path, minutes: float, ckpt: Path, retrain: bool, extra: list[str]) -> None:
+    if ckpt.is_file() and not retrain:
+        print(f"[quickstart] reusing {ckpt} (pass --retrain to train again)")
+        return
+    resume = ["--ckpt_path", "last"] if ckpt.is_file() is False and (ckpt.parent / "last.ckpt").is_file() else []
+    hms = time.strftime("%H:%M:%S", time.gmtime(int(minutes * 60)))
+    print(f"[quickstart] training {config.name} for at most {minutes:g} min" + (" (resuming)" if resume else ""))
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads sys.argv too; give it only `args`
+    try:
+        entry(args=["fit", "--config", str(config), "--trainer.max_time", f"00:{hms}", *extra, *resume])
+    finally:
+        sys.argv = argv
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target-minutes", type=float, default=7.0, help="training time cap of the target")
+    p.add_argument("--draft-minutes", type=float, default=2.5, help="training time cap of the Medusa heads")
+    p.add_argument("--steps", type=int, default=100, help="grid steps N of every sampler")
+    p.add_argument("--num", type=int, default=500, help="samples per sampler (for the FID-proxy)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/quickstart", help="where the table and the grid are written")
+    p.add_argument("--retrain", action="store_true", help="train again even if checkpoints exist")
+    a = p.parse_args(argv)
+    if not CONFIGS.is_dir():
+        raise SystemExit(f"configs/ not found next to the package ({CONFIGS}); run from a clone of the repo "
+                         f"installed with pip install -e .")
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    t_start = time.perf_counter()
+
+    from specflow.cli import draft_main, main as target_main
+
+    target_ckpt = Path("runs/digits/checkpoints/done.ckpt")
+    draft_ckpt = Path("runs/digits_medusa/checkpoints/done.ckpt")
+    _train(target_main, CONFIGS / "digits.yaml", a.target_minutes, target_ckpt, a.retrain, [])
+    _finish(target_ckpt)
+    _train(draft_main, CONFIGS / "digits_medusa.yaml", a.draft_minutes, draft_ckpt, a.retrain,
+           ["--model.target_ckpt", str(target_ckpt)])
+    _finish(draft_ckpt)
+    t_train = time.perf_counter() - t_start
+
+    from specflow import load_draft, load_target
+    from specflow.data import DigitsDataModule
+    from specflow.generate import generate
+    from specflow.io import save_grid_atomic, _atomic
+    from specflow.metrics import bootstrap_fid, build_feature_extractor, extract_features
+    from specflow.sampling import build_sampler
+
+    target = load_target(target_ckpt)
+    heads = load_draft(draft_ckpt, target)
+    N = a.steps
+    runs = [  # (label, sampler, draft, baseline label for the wall-time ratio)
+        ("euler", build_sampler("euler", steps=N), None, "euler"),
+        ("heun (N/2 steps)", build_sampler("heun", steps=N // 2), None, "euler"),
+        ("sfm extrapolate", build_sampler("sfm", steps=N, drafter="extrapolate", leap=4, tol=0.05), None, "euler"),
+        ("fastflow", build_sampler("fastflow", steps=N), None, "euler"),
+        ("sde", build_sampler("sde", steps=N), None, "sde"),
+        ("speculative extrapolate", build_sampler("speculative", steps=N, drafter="extrapolate", window=8), None, "sde"),
+        ("speculative medusa", build_sampler("speculative", steps=N, drafter="medusa", window=8), heads, "sde"),
+    ]
+    dm = DigitsDataModule(image_size=target.image_size)
+    dm.setup("fit")
+    real = dm.train_set.tensors[0]
+    extractor = build_feature_extractor("auto", datamodule=dm, cache=Path(a.out) / "fid_classifier.pt", max_seconds=40)
+    real_f = extract_features(extractor, real)
+
+    generate(target, runs[0][1], n=min(a.num, a.batch_size), batch_size=a.batch_size, labels="cycle")  # warm-up
+    rows, grids, wall = [], [], {}
+    for label, sampler, draft, base in runs:
+        t0 = time.perf_counter()
+        g = generate(target, sampler, n=a.num, batch_size=a.batch_size, seed=a.seed, labels="cycle", draft=draft)
+        wall[label] = time.perf_counter() - t0
+        st = g.stats
+        fid = bootstrap_fid(real_f, extract_features(extractor, g.samples), n_boot=100)
+        rows.append((label, st.sequential_nfe / math.ceil(a.num / a.batch_size), st.total_nfe, st.acceptance_rate,
+                     wall[label] / wall[base], fid))
+        grids.append(g.samples[:20])
+        print(f"[quickstart] {label}: done in {wall[label]:.1f}s")
+
+    head = f"{'sampler':26s} {'seq NFE':>8s} {'total NFE':>9s} {'accept':>7s} {'wall/base':>9s}  {extractor.fid_name} [95% CI]"
+    lines = [f"digits target, N = {N}, {a.num} samples per sampler, same per-sample noise; "
+             f"wall/base = wall time vs euler (deterministic) or sde (stochastic), same run", head, "-" * len(head)]
+    for label, seq, tot, acc, ratio, fid in rows:
+        acc_s = "-" if math.isnan(acc) else f"{acc:.2f}"
+        lines.append(f"{label:26s} {seq:8.1f} {tot:9.1f} {acc_s:>7s} {ratio:9.2f}  {fid}")
+    lines.append(f"training {t_train / 60:.1f} min, total {(time.perf_counter() - t_start) / 60:.1f} min; "
+                 f"features: {extractor.description}")
+    table = "\n".join(lines)
+    print("\n" + table)
+    out = Path(a.out)
+    _atomic(out / "table.txt", ".txt", lambda tmp: Path(tmp).write_text(table + "\n"))
+    grid = save_grid_atomic(torch.cat(grids), out / "samplers.png", nrow=20, scale=4)
+    print(f"\n[quickstart] one row per sampler (top to bottom as in the table): {grid}")
+
+
+def _finish(ckpt: Path) -> None:
+    """Mark a finished training run: copy last.ckpt to done.ckpt (atomically) so a rerun reuses it."""
+    if ckpt.is_file():
+        return
+    last = ckpt.parent / "last.ckpt"
+    if not last.is_file():
+        raise SystemExit(f"training ended without writing {last}; see the log above")
+    from specflow.io import _atomic
+    import shutil
+
+    _atomic(ckpt, ".ckpt", lambda tmp: shutil.copyfile(last, tmp))
+
+
+if __name__ == "__main__":
+    main()
