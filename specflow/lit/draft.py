@@ -186,6 +186,12 @@ class MedusaFlow(DraftModule):
         hidden, depth: the heads' width and residual layers (``specflow.nets.heads.MedusaHeads``).
         offsets: L, steps ahead per rollout (the speculative window / sfm leap the heads serve).
         steps: grid sizes N to train on (uniform grids t_k = k/N, one N per row).
+        weighting: "x1" (plain MSE on x̂1) or "accept": each example weighted by r = b/((1 − s)·c) of the step
+            the draft velocity at (y, s) drives (m̂ − m = r·c·Δx̂1 there, so rejections grow like r‖Δx̂1‖;
+            capped at 20, the last step's c = 0 would make it infinite): spends capacity where speculative
+            acceptance is decided (late times) rather than where x̂1 errors are largest (early times).
+        reuse: optimizer steps per rollout (the target calls dominate the cost on a CPU: reuse > 1 trains
+            the heads more per target call; each rollout is still fresh data from the target).
         etas: the samplers rolled out, by η (0 = euler, 1 = sde), one per row.
         feature_channels, in_channels, image_size: the target's geometry, filled in from the target at
             setup (given only when rebuilding from a checkpoint).
@@ -195,7 +201,8 @@ class MedusaFlow(DraftModule):
     drafter = "medusa"
 
     def __init__(self, target_ckpt: str = "", hidden: int = 64, depth: int = 2, offsets: int = 8,
-                 steps: list[int] = (100,), etas: list[float] = (0.0, 1.0), lr: float = 1e-3,
+                 steps: list[int] = (100,), etas: list[float] = (0.0, 1.0), reuse: int = 1, weighting: str = "x1",
+                 lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 100, betas: tuple[float, float] = (0.9, 0.999),
                  decay_steps: int = 0, label_dropout: float = 0.1, feature_channels: int | None = None,
                  in_channels: int | None = None, image_size: int | None = None):
@@ -205,12 +212,15 @@ class MedusaFlow(DraftModule):
             raise ValueError(f"steps must list grid sizes N >= 2, got {steps}")
         if not etas or not all(0.0 <= e <= 1.0 for e in etas):
             raise ValueError(f"etas must list η values in [0, 1] (0 = euler, 1 = sde), got {etas}")
-        if offsets < 1:
-            raise ValueError(f"offsets must be >= 1, got {offsets}")
+        if weighting not in ("x1", "accept"):
+            raise ValueError(f"weighting must be 'x1' or 'accept', got {weighting!r}")
+        if offsets < 1 or reuse < 1:
+            raise ValueError(f"offsets and reuse must be >= 1, got offsets={offsets}, reuse={reuse}")
         self.save_hyperparameters()
         self.hparams.steps, self.hparams.etas = steps, etas
         if feature_channels is not None and in_channels is not None:
             self.draft = build_draft("medusa", self._build_args())
+        self._rollout = None  # (the last rollout, how many steps it has served)
 
     def _build_args(self) -> dict:
         hp = self.hparams
@@ -241,7 +251,7 @@ class MedusaFlow(DraftModule):
     def rollout(self, x1: Tensor, c: Tensor | None):
         """A piece of the target's own trajectory per row: states y_0..y_L from y_0 on the path at a grid time
         t_k, L steps of euler (η = 0) or sde (η = 1), and at every state the target's trunk features h_i and
-        prediction x̂1_i. Returns (Y, T, H, X1, valid): (L+1, B, ...) each, ``valid`` = time < 1."""
+        prediction x̂1_i. Returns (Y, T, H, X1, valid, N): (L+1, B, ...) each, ``valid`` = time < 1, N the rows' grid sizes."""
         hp, f = self.hparams, self.target
         B, L, dev = x1.shape[0], hp.offsets, x1.device
         N = torch.tensor(hp.steps, device=dev)[torch.randint(len(hp.steps), (B,), device=dev)]
@@ -260,13 +270,15 @@ class MedusaFlow(DraftModule):
                 g = ((1 - s) ** 2 - cj**2).clamp_min(0).sqrt()
                 y = expand(s, y) * X1[-1] + expand(g, y) * x0_hat(y, t, v) + expand(cj, y) * torch.randn_like(y)
         valid = torch.stack([(k + j) <= N - 1 for j in range(L + 1)])
-        return torch.stack(Y), T, torch.stack(H), torch.stack(X1), valid
+        return torch.stack(Y), T, torch.stack(H), torch.stack(X1), valid, N
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         """Every pair (i, i + d), d = 1..L, of one rollout trains head offset d: L + 1 target calls give
         L(L+1)/2 examples per row (features at y_i, label x̂1 at y_{i+d})."""
         x1, y = self._split(batch)
-        Y, T, H, X1, valid = self.rollout(x1, self._cond(y))
+        if self._rollout is None or self._rollout[1] >= self.hparams.reuse:
+            self._rollout = [self.rollout(x1, self._cond(y)), 0]
+        (Y, T, H, X1, valid, N), self._rollout[1] = self._rollout[0], self._rollout[1] + 1
         L = Y.shape[0] - 1
         src = torch.cat([torch.arange(L + 1 - d) for d in range(1, L + 1)]).to(Y.device)
         off = torch.cat([torch.full((L + 1 - d,), d) for d in range(1, L + 1)]).to(Y.device)
@@ -276,6 +288,8 @@ class MedusaFlow(DraftModule):
                                      x1_src=X1[src].flatten(0, 1)).view_as(Y[dst])
         err = (pred.float() - X1[dst].float()).pow(2).flatten(2).mean(2)  # (pairs, B)
         w = valid[dst].float()
+        if self.hparams.weighting == "accept":
+            w = w * _accept_weight(T[dst], N)
         per_head = torch.zeros(L, device=Y.device).index_add_(0, off - 1, (err * w).sum(1))
         n_head = torch.zeros(L, device=Y.device).index_add_(0, off - 1, w.sum(1))
         per_head = per_head / n_head.clamp_min(1)
@@ -290,3 +304,14 @@ class MedusaFlow(DraftModule):
             self.log("train/frozen", frozen)
             self.log_dict({f"train/loss_head{d + 1}": per_head[d] for d in range(L)})
         return loss
+
+
+def _accept_weight(t: Tensor, N: Tensor, cap: float = 20.0) -> Tensor:
+    """r = b/((1 − t)·c) for the sde step t → t + 1/N (rows' N): the draft mean's error per unit x̂1 error, in
+    units of the step's noise std c (see ``MedusaFlow``). Capped: at the last step c = 0."""
+    from specflow.path import transition_coefficients
+
+    s = (t + 1.0 / N.to(t.dtype)).clamp(max=1.0)
+    _, b, c = transition_coefficients(t.double(), s.double(), 1.0)
+    r = b / ((1 - t.double()).clamp_min(1e-12) * c.clamp_min(1e-12))
+    return r.clamp(0, cap).to(t.dtype)
