@@ -46,6 +46,8 @@ def main():
     ap.add_argument("--windows", nargs="+", default=["8"], help="speculative windows (ints or 'bandit')")
     ap.add_argument("--leaps", nargs="+", default=["4", "bandit"], help="sfm leaps (ints or 'bandit')")
     ap.add_argument("--tol", type=float, default=0.05, help="sfm tolerance")
+    ap.add_argument("--drafters", nargs="+", default=["frozen", "extrapolate", "model", "medusa"])
+    ap.add_argument("--no-baselines", action="store_true", help="skip the sde / euler-M rows (faster reruns)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -77,8 +79,8 @@ def main():
 
     print(f"{'sampler':>12} {'drafter':>12} {'window':>7} {'accept':>7} {'seq/N':>6} {'total/N':>8} "
           f"{'draft/N':>8} {'wall s':>7}")
-    rows = [("sde", None, {})] + [("speculative", d, dict(drafter=d, window=win(w)))
-                                  for w in args.windows for d in ("frozen", "extrapolate", "model", "medusa")]
+    rows = [] if args.no_baselines else [("sde", None, {})]
+    rows += [("speculative", d, dict(drafter=d, window=win(w))) for w in args.windows for d in args.drafters]
     for name, d, opts in rows:
         g, wall = run(name, drafts.get(d), **opts)
         st = g.stats
@@ -90,13 +92,15 @@ def main():
     ref, wall = run("euler")
     print(f"{'euler':>12} {'-':>12} {'-':>7} {'':>7} {1.0:6.3f} {1.0:8.3f} {0.0:8.3f} {'ref':>6} {wall:7.1f}")
     for leap in args.leaps:
-        for d in ("frozen", "extrapolate", "model", "medusa"):
+        for d in args.drafters:
             g, wall = run("sfm", drafts.get(d), drafter=d, leap=win(leap), tol=args.tol)
             st = g.stats
             print(f"{'sfm':>12} {d:>12} {leap:>7} {st.acceptance_rate:7.3f} {st.sequential_nfe / N:6.3f} "
                   f"{st.total_nfe / N:8.3f} {st.draft_nfe / N:8.3f} {psnr(g.samples, ref.samples):6.1f} {wall:7.1f}",
                   flush=True)
             M = max(1, round(st.total_nfe))  # the honest baseline: plain euler at sfm's cost
+            if args.no_baselines:
+                continue
             base = generate(target, build_sampler("euler", steps=M), n, n, args.seed, "cycle", None, None, dev)
             print(f"{'':>12} {'euler-' + str(M):>12} {'':>7} {'':>7} {M / N:6.3f} {M / N:8.3f} {0.0:8.3f} "
                   f"{psnr(base.samples, ref.samples):6.1f}", flush=True)

@@ -87,13 +87,14 @@ def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (zip errors, unpickling errors, EOF: all mean "not a usable file")
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        text = str(e)
+        msg = (text.split("WeightsUnpickler error:")[-1].strip().splitlines() or [type(e).__name__])[0][:200]
+        if "Unsupported global" in text:  # a real pickled object, refused on purpose
             raise ValueError(f"{what} {str(p)!r} contains pickled Python objects, which safe loading refuses "
                              f"(specflow checkpoints hold only tensors and plain hyper-parameters). Use a "
                              f"checkpoint written by train.py/train_draft.py ({type(e).__name__}: {msg})") from None
-        raise ValueError(f"{what} {str(p)!r} is not a readable PyTorch checkpoint ({type(e).__name__}: {msg}); "
-                         f"the file is corrupt or truncated (an interrupted copy or save?): re-copy or re-train it") from None
+        raise ValueError(f"{what} {str(p)!r} is not a readable PyTorch checkpoint ({type(e).__name__}: {msg}); the "
+                         f"file is corrupt or truncated (an interrupted copy or save?): re-copy or re-train") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{what} {str(p)!r} is not a Lightning checkpoint (no 'state_dict'); pass the .ckpt "
                          f"written by train.py or train_draft.py")

@@ -86,8 +86,11 @@ class DraftModule(pl.LightningModule):
         return batch, None
 
     def _logging_step(self) -> bool:
-        tr = self.trainer
-        return bool(tr.fast_dev_run) or (tr.log_every_n_steps > 0 and (self.global_step + 1) % tr.log_every_n_steps == 0)
+        tr = self._trainer
+        if tr is None:  # driven by hand (tests, notebooks): nothing to log to
+            return False
+        every = tr.log_every_n_steps
+        return bool(tr.fast_dev_run) or (every > 0 and (self.global_step + 1) % every == 0)
 
     # ----------------------------------------------------------------------------------------- checkpoint
     def _build_args(self) -> dict:
@@ -201,11 +204,10 @@ class MedusaFlow(DraftModule):
     drafter = "medusa"
 
     def __init__(self, target_ckpt: str = "", hidden: int = 64, depth: int = 2, offsets: int = 8,
-                 steps: list[int] = (100,), etas: list[float] = (0.0, 1.0), reuse: int = 1, weighting: str = "x1",
-                 lr: float = 1e-3,
-                 weight_decay: float = 0.0, warmup_steps: int = 100, betas: tuple[float, float] = (0.9, 0.999),
-                 decay_steps: int = 0, label_dropout: float = 0.1, feature_channels: int | None = None,
-                 in_channels: int | None = None, image_size: int | None = None):
+                 steps: list[int] = (100,), etas: list[float] = (0.0, 1.0), reuse: int = 1,
+                 weighting: str = "x1", lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 100,
+                 betas: tuple[float, float] = (0.9, 0.999), decay_steps: int = 0, label_dropout: float = 0.1,
+                 feature_channels: int | None = None, in_channels: int | None = None, image_size: int | None = None):
         super().__init__(target_ckpt, lr, weight_decay, warmup_steps, betas, label_dropout, decay_steps)
         steps, etas = [int(n) for n in steps], [float(e) for e in etas]
         if not steps or min(steps) < 2:
@@ -251,7 +253,8 @@ class MedusaFlow(DraftModule):
     def rollout(self, x1: Tensor, c: Tensor | None):
         """A piece of the target's own trajectory per row: states y_0..y_L from y_0 on the path at a grid time
         t_k, L steps of euler (η = 0) or sde (η = 1), and at every state the target's trunk features h_i and
-        prediction x̂1_i. Returns (Y, T, H, X1, valid, N): (L+1, B, ...) each, ``valid`` = time < 1, N the rows' grid sizes."""
+        prediction x̂1_i. Returns (Y, T, H, X1, valid, N): (L+1, B, ...) each, ``valid`` = time < 1, and N
+        the rows' grid sizes."""
         hp, f = self.hparams, self.target
         B, L, dev = x1.shape[0], hp.offsets, x1.device
         N = torch.tensor(hp.steps, device=dev)[torch.randint(len(hp.steps), (B,), device=dev)]
@@ -292,14 +295,15 @@ class MedusaFlow(DraftModule):
             w = w * _accept_weight(T[dst], N)
         per_head = torch.zeros(L, device=Y.device).index_add_(0, off - 1, (err * w).sum(1))
         n_head = torch.zeros(L, device=Y.device).index_add_(0, off - 1, w.sum(1))
-        per_head = per_head / n_head.clamp_min(1)
+        per_head = per_head / n_head.clamp_min(1e-12)
         loss = per_head.sum() / (n_head > 0).sum().clamp_min(1)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite heads loss at step {self.global_step}: lower model.lr "
                                      f"({self.hparams.lr:g}) or enable trainer.gradient_clip_val")
         if self._logging_step():
             with torch.no_grad():  # the training-free (frozen) drafter's loss on the same pairs, for reference
-                frozen = ((X1[src].float() - X1[dst].float()).pow(2).flatten(2).mean(2) * w).sum() / w.sum().clamp_min(1)
+                frozen = (X1[src].float() - X1[dst].float()).pow(2).flatten(2).mean(2)
+                frozen = (frozen * w).sum() / w.sum().clamp_min(1e-12)
             self.log("train/loss", loss, prog_bar=True)
             self.log("train/frozen", frozen)
             self.log_dict({f"train/loss_head{d + 1}": per_head[d] for d in range(L)})

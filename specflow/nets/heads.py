@@ -77,7 +77,8 @@ class MedusaHeads(nn.Module):
     def _check(self, features: Tensor, y: Tensor) -> None:
         want = (self.in_channels,) + ((self.image_size,) * 2 if self.image_size is not None else ())
         if tuple(y.shape[1:]) != want:
-            raise ValueError(f"MedusaHeads expects states shaped (B, {', '.join(map(str, want))}); got {tuple(y.shape)}")
+            raise ValueError(f"MedusaHeads expects states shaped (B, {', '.join(map(str, want))}); "
+                             f"got {tuple(y.shape)}")
         fw = (self.feature_channels,) + tuple(y.shape[2:])
         if tuple(features.shape[1:]) != fw:
             raise ValueError(f"MedusaHeads were built for target features (B, {', '.join(map(str, fw))}) but got "

@@ -54,7 +54,8 @@ class Evaluator:
         self.calls, self.rows = 0, 0
         # Drafters that read the target's trunk (medusa) need v = output(h), h = features(x, t, cond), and h.
         self.keep_features, self.features = keep_features, None
-        if keep_features and not (callable(getattr(model, "features", None)) and callable(getattr(model, "output", None))):
+        has_trunk = callable(getattr(model, "features", None)) and callable(getattr(model, "output", None))
+        if keep_features and not has_trunk:
             raise ValueError(f"this drafter reads the {kind}'s trunk features, so the {kind} must expose "
                              f"features(x, t, cond) and output(h) (the specflow.nets UNet/MLP, as returned by "
                              f"specflow.load_target); got {type(model).__name__}, e.g. a guidance wrapper or a "
