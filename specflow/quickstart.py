@@ -38,11 +38,11 @@ def _train(entry, config: Path, minutes: float, ckpt: Path, retrain: bool, extra
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target-minutes", type=float, default=7.0, help="training time cap of the target")
-    p.add_argument("--draft-minutes", type=float, default=2.5, help="training time cap of the Medusa heads")
+    p.add_argument("--target-minutes", type=float, default=6.0, help="training time cap of the target")
+    p.add_argument("--draft-minutes", type=float, default=2.0, help="training time cap of the Medusa heads")
     p.add_argument("--steps", type=int, default=100, help="grid steps N of every sampler")
-    p.add_argument("--num", type=int, default=500, help="samples per sampler (for the FID-proxy)")
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--num", type=int, default=400, help="samples per sampler (for the FID-proxy)")
+    p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/quickstart", help="where the table and the grid are written")
     p.add_argument("--retrain", action="store_true", help="train again even if checkpoints exist")
