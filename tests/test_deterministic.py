@@ -4,6 +4,7 @@ import torch
 
 from specflow.data.toy import GaussianMixture
 from specflow.sampling import build_sampler
+from test_sampler_api import Counting  # one call counter, independent of the Evaluator
 
 GM = GaussianMixture.default(dim=2)
 
@@ -20,16 +21,6 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-class Counting:
-    """Counts calls and rows independently of the Evaluator."""
-
-    def __init__(self, model):
-        self.model, self.calls, self.rows = model, 0, 0
-
-    def __call__(self, x, t, cond=None):
-        self.calls += 1
-        self.rows += x.shape[0]
-        return self.model(x, t)
 
 
 @pytest.mark.parametrize("leap", [4, "bandit"])

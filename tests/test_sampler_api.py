@@ -9,12 +9,6 @@ from specflow.sampling.noise import per_sample_generators
 GM = GaussianMixture.default(dim=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Counting:

@@ -17,13 +17,6 @@ from specflow.sampling.speculative import Speculative
 N_SAMPLES, STEPS = 4000, 30
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are small: one intra-op thread is faster, and far faster on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _energy_pvalue(a, b, n=2000, perms=200, seed=0):
