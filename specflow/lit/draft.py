@@ -10,6 +10,7 @@ fly by a cheap rollout: start on the path at a grid time t_k, then take L steps 
 h_i and prediction x̂1_i. Every pair (i, i + d) is an example for offset d: head loss d =
 ‖x̂1_heads(y_{i+d} | h_i, y_i, x̂1_i) − x̂1_target(y_{i+d})‖², logged per head (``train/loss_head{d}``) next
 to the frozen drafter's (``train/frozen``, x̂1_i as the guess). L + 1 target calls give L(L+1)/2 examples.
+``weighting="accept"`` weights each example by how much its x̂1 error moves the speculative acceptance.
 
 The target is loaded in ``setup`` from ``target_ckpt`` (so ``load_from_checkpoint`` needs neither the
 target nor a config), kept frozen and in eval mode, and left out of the draft's checkpoint; the checkpoint
