@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     from specflow.data import DigitsDataModule
     from specflow.generate import generate
     from specflow.io import save_grid_atomic, _atomic
-    from specflow.metrics import bootstrap_fid, build_feature_extractor, extract_features
+    from specflow.metrics import bootstrap_fid, bootstrap_fid_difference, build_feature_extractor, extract_features
     from specflow.sampling import build_sampler
 
     target = load_target(target_ckpt)
@@ -91,24 +91,28 @@ def main(argv: list[str] | None = None) -> None:
     real_f = extract_features(extractor, real)
 
     generate(target, runs[0][1], n=min(a.num, a.batch_size), batch_size=a.batch_size, labels="cycle")  # warm-up
-    rows, grids, wall = [], [], {}
+    rows, grids, wall, feats = [], [], {}, {}
     for label, sampler, draft, base in runs:
         t0 = time.perf_counter()
         g = generate(target, sampler, n=a.num, batch_size=a.batch_size, seed=a.seed, labels="cycle", draft=draft)
         wall[label] = time.perf_counter() - t0
         st = g.stats
-        fid = bootstrap_fid(real_f, extract_features(extractor, g.samples), n_boot=100)
+        feats[label] = extract_features(extractor, g.samples)
+        fid = bootstrap_fid(real_f, feats[label], n_boot=100)
+        # Paired: same sample indices (noise, labels) as the baseline, so the difference's interval is tight.
+        delta = bootstrap_fid_difference(real_f, feats[label], feats[base], n_boot=100) if label != base else None
         rows.append((label, st.sequential_nfe / math.ceil(a.num / a.batch_size), st.total_nfe, st.acceptance_rate,
-                     wall[label] / wall[base], fid))
+                     wall[label] / wall[base], fid, delta))
         grids.append(g.samples[:20])
         print(f"[quickstart] {label}: done in {wall[label]:.1f}s")
 
-    head = f"{'sampler':26s} {'seq NFE':>8s} {'total NFE':>9s} {'accept':>7s} {'wall/base':>9s}  {extractor.fid_name} [95% CI]"
-    lines = [f"digits target, N = {N}, {a.num} samples per sampler, same per-sample noise; "
-             f"wall/base = wall time vs euler (deterministic) or sde (stochastic), same run", head, "-" * len(head)]
-    for label, seq, tot, acc, ratio, fid in rows:
+    head = (f"{'sampler':26s} {'seq NFE':>8s} {'total NFE':>9s} {'accept':>7s} {'wall/base':>9s}  "
+            f"{extractor.fid_name + ' [95% CI]':29s} Δ vs base [95% CI, paired]")
+    lines = [f"digits target, N = {N}, {a.num} samples per sampler, same per-sample noise; base = euler for the "
+             f"deterministic rows, sde for the stochastic ones (wall time from the same run)", head, "-" * len(head)]
+    for label, seq, tot, acc, ratio, fid, delta in rows:
         acc_s = "-" if math.isnan(acc) else f"{acc:.2f}"
-        lines.append(f"{label:26s} {seq:8.1f} {tot:9.1f} {acc_s:>7s} {ratio:9.2f}  {fid}")
+        lines.append(f"{label:26s} {seq:8.1f} {tot:9.1f} {acc_s:>7s} {ratio:9.2f}  {str(fid):29s} {delta or 'baseline'}")
     lines.append(f"training {t_train / 60:.1f} min, total {(time.perf_counter() - t_start) / 60:.1f} min; "
                  f"features: {extractor.description}")
     table = "\n".join(lines)
