@@ -11,7 +11,9 @@ import torch
 from torch import Tensor
 
 
-def _atomic(path: str | os.PathLike, suffix: str, write) -> Path:
+def atomic_write(path: str | os.PathLike, suffix: str, write) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``: the file is written
+    whole or not at all, and an existing one survives a failed or interrupted write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
@@ -38,7 +40,7 @@ def save_grid_atomic(images: Tensor, path: str | os.PathLike, nrow: int | None =
     if scale > 1:
         x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
     nrow = nrow or max(1, int(round(images.shape[0] ** 0.5)))
-    return _atomic(path, ".png", lambda tmp: save_image(x, tmp, nrow=nrow, padding=1, format="png"))
+    return atomic_write(path, ".png", lambda tmp: save_image(x, tmp, nrow=nrow, padding=1, format="png"))
 
 
 def save_npz_atomic(path: str | os.PathLike, **arrays) -> Path:
@@ -49,4 +51,4 @@ def save_npz_atomic(path: str | os.PathLike, **arrays) -> Path:
         with open(tmp, "wb") as f:
             np.savez(f, **data)
 
-    return _atomic(path, ".npz", write)
+    return atomic_write(path, ".npz", write)

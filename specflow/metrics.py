@@ -226,7 +226,7 @@ def classifier_features(datamodule, cache: str | Path | None = None, steps: int 
     """The offline extractor for ``datamodule``: loaded from ``cache`` when that file exists (and matches the
     data's channels and classes), else trained with ``train_classifier`` and, if ``cache`` is given, saved
     there atomically."""
-    from specflow.io import _atomic
+    from specflow.io import atomic_write
 
     want = dict(in_channels=getattr(datamodule, "in_channels", None), num_classes=getattr(datamodule, "num_classes", None))
     if cache is not None and Path(cache).is_file():
@@ -240,7 +240,7 @@ def classifier_features(datamodule, cache: str | Path | None = None, steps: int 
     note = f", {rep.steps} steps in {rep.seconds:.1f}s"
     extractor = ClassifierFeatures(cnn, rep.val_accuracy, note).to(device)
     if cache is not None:
-        _atomic(cache, ".pt", lambda tmp: torch.save(extractor.payload(), tmp))
+        atomic_write(cache, ".pt", lambda tmp: torch.save(extractor.payload(), tmp))
     return extractor
 
 

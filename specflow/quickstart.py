@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     from specflow import load_draft, load_target
     from specflow.data import DigitsDataModule
     from specflow.generate import generate
-    from specflow.io import save_grid_atomic, _atomic
+    from specflow.io import save_grid_atomic, atomic_write
     from specflow.metrics import bootstrap_fid, bootstrap_fid_difference, build_feature_extractor, extract_features
     from specflow.sampling import build_sampler
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     table = "\n".join(lines)
     print("\n" + table)
     out = Path(a.out)
-    _atomic(out / "table.txt", ".txt", lambda tmp: Path(tmp).write_text(table + "\n"))
+    atomic_write(out / "table.txt", ".txt", lambda tmp: Path(tmp).write_text(table + "\n"))
     grid = save_grid_atomic(torch.cat(grids), out / "samplers.png", nrow=20, scale=4)
     print(f"\n[quickstart] one row per sampler (top to bottom as in the table): {grid}")
 
@@ -130,10 +130,10 @@ def _finish(ckpt: Path) -> None:
     last = ckpt.parent / "last.ckpt"
     if not last.is_file():
         raise SystemExit(f"training ended without writing {last}; see the log above")
-    from specflow.io import _atomic
+    from specflow.io import atomic_write
     import shutil
 
-    _atomic(ckpt, ".ckpt", lambda tmp: shutil.copyfile(last, tmp))
+    atomic_write(ckpt, ".ckpt", lambda tmp: shutil.copyfile(last, tmp))
 
 
 if __name__ == "__main__":
