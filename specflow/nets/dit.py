@@ -19,7 +19,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
-from specflow.nets.embed import Conditioning, batch_times
+from specflow.nets.embed import Conditioning, batch_times, check_image
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
@@ -95,14 +95,9 @@ class DiT(nn.Module):
         for layer in [*(b.adaLN[1] for b in self.blocks), self.adaLN_final[1], self.linear]:
             nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
 
-    def _check(self, x: Tensor) -> None:
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"DiT expects x shaped (B, {', '.join(map(str, expected))}); got {tuple(x.shape)}")
-
     def features(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
         """Tokens after the last block and the final adaLN modulation: (B, N, hidden_size), N = grid²."""
-        self._check(x)
+        check_image(self, x)
         c = self.cond(batch_times(t, x.shape[0], x.device), cond)  # (B, hidden)
         h = rearrange(self.x_embed(x), "b d gh gw -> b (gh gw) d") + self.pos_embed
         for block in self.blocks:

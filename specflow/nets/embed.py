@@ -65,6 +65,14 @@ class Conditioning(nn.Module):
         return c
 
 
+def check_image(net: nn.Module, x: Tensor) -> None:
+    """x must be (B, net.in_channels, net.image_size, net.image_size); the error names both shapes."""
+    expected = (net.in_channels, net.image_size, net.image_size)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        raise ValueError(f"{type(net).__name__} expects x shaped (B, {', '.join(map(str, expected))}); "
+                         f"got {tuple(x.shape)}")
+
+
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (all, or only those with ``requires_grad``)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from specflow.nets.embed import Conditioning, batch_times
+from specflow.nets.embed import Conditioning, batch_times, check_image
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -162,14 +162,9 @@ class UNet(nn.Module):
         self.out_norm = _norm(ch)
         self.conv_out = _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
 
-    def _check(self, x: Tensor) -> None:
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"UNet expects x shaped (B, {', '.join(map(str, expected))}); got {tuple(x.shape)}")
-
     def features(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
         """Trunk features SiLU(GN(h)) just before the output conv: (B, feature_channels, H, W)."""
-        self._check(x)
+        check_image(self, x)
         c = self.cond(batch_times(t, x.shape[0], x.device), cond)  # (B, 4·model_channels)
         h = self.conv_in(x)
         hs = [h]
