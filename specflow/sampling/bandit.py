@@ -39,7 +39,7 @@ def time_bucket(t: Tensor, buckets: int) -> Tensor:
     return (t.to(torch.float64) * buckets).floor().long().clamp(0, buckets - 1)
 
 
-def _check_arms(arms) -> tuple[int, ...]:
+def check_arms(arms) -> tuple[int, ...]:
     try:
         arms = tuple(int(a) for a in arms)
     except TypeError:
@@ -63,7 +63,7 @@ class Bandit:
 
     def __init__(self, arms: Sequence[int], contexts: int = 1, policy: str = "ucb1", seed: int = 0,
                  c: float = 1.0, allow_zero: bool = False):
-        self.arms = _check_arms(arms)
+        self.arms = check_arms(arms)
         if not allow_zero and self.arms[0] < 1:
             raise ValueError(f"arms must be positive step counts, got {self.arms}")
         if policy not in POLICIES:
@@ -137,6 +137,15 @@ class Bandit:
             score[~ok.any(1), 0] = 0.0  # nothing eligible: the smallest arm
         return self._values[score.argmax(1)].to(device)
 
+    def index(self, arm: Tensor) -> Tensor:
+        """Positions in ``self.arms`` of arm VALUES (CPU LongTensor); a value that is not an arm is an error."""
+        arm = torch.as_tensor(arm).long().reshape(-1).cpu()
+        a = torch.searchsorted(self._values, arm).clamp_max(len(self.arms) - 1)
+        if not bool((self._values[a] == arm).all()):
+            raise ValueError(f"arm values {sorted(set(arm.tolist()) - set(self.arms))} are not arms of this "
+                             f"bandit {self.arms}")
+        return a
+
     def update(self, context: Tensor, arm: Tensor, reward: Tensor) -> None:
         """Credit ``reward[i]`` to (``context[i]``, ``arm[i]``) (arm VALUES); all three flatten to length B."""
         ctx = self._check_context(context)
@@ -147,10 +156,7 @@ class Bandit:
                              f"{ctx.numel()}, {arm.numel()}, {r.numel()}")
         if not bool(torch.isfinite(r).all()):
             raise ValueError("rewards must be finite; got NaN/Inf (check the reward's definition)")
-        a = torch.searchsorted(self._values, arm).clamp_max(len(self.arms) - 1)
-        if not bool((self._values[a] == arm).all()):
-            raise ValueError(f"arm values {sorted(set(arm.tolist()) - set(self.arms))} are not arms of this "
-                             f"bandit {self.arms}")
+        a = self.index(arm)
         if r.numel() == 0:
             return
         self.n.index_put_((ctx, a), torch.ones_like(r), accumulate=True)

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from specflow.path import expand, x1_hat
-from specflow.sampling.bandit import POLICIES, Bandit, _check_arms, time_bucket
+from specflow.sampling.bandit import POLICIES, Bandit, check_arms, time_bucket
 from specflow.sampling.base import Sampler, register
 from specflow.sampling.drafters import DRAFTERS, make_drafter
 
@@ -85,7 +85,7 @@ class SFM(Sampler):
             raise ValueError(f"leap must be an integer >= 1 or 'bandit', got {self.leap!r}")
         if not (isinstance(self.tol, (int, float)) and self.tol > 0):
             raise ValueError(f"tol must be a relative tolerance > 0 (e.g. 0.05), got {self.tol!r}")
-        self.arms = _check_arms(self.arms)
+        self.arms = check_arms(self.arms)
         if self.arms[0] < 1:
             raise ValueError(f"leap arms must be positive step counts, got {self.arms}; e.g. arms=(1, 2, 4, 8)")
         if self.policy not in POLICIES:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import torch
 
-from specflow.sampling.bandit import POLICIES, Bandit, _check_arms, time_bucket
+from specflow.sampling.bandit import POLICIES, Bandit, check_arms, time_bucket
 from specflow.sampling.base import Sampler, register
 
 
@@ -46,7 +46,7 @@ class FastFlow(Sampler):
 
     def __post_init__(self):
         super().__post_init__()
-        self.arms = _check_arms(self.arms)
+        self.arms = check_arms(self.arms)
         if self.arms[-1] > max(self.steps - 3, 0):
             raise ValueError(f"skip arm {self.arms[-1]} is longer than a grid of {self.steps} steps allows "
                              f"(two real calls start the run and one ends it): use arms <= "

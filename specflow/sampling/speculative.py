@@ -28,7 +28,7 @@ from torch import Tensor
 
 from specflow.path import transition_coefficients
 from specflow.sampling import keyed
-from specflow.sampling.bandit import POLICIES, Bandit, _check_arms, time_bucket
+from specflow.sampling.bandit import POLICIES, Bandit, check_arms, time_bucket
 from specflow.sampling.base import Sampler, register
 from specflow.sampling.coupling import IsoGaussian, log_acceptance, reflect, residual_sample
 from specflow.sampling.drafters import DRAFTERS, make_drafter
@@ -90,7 +90,7 @@ class Speculative(Sampler):
         if self.window != "bandit" and (not isinstance(self.window, int) or isinstance(self.window, bool)
                                         or self.window < 1):
             raise ValueError(f"window must be an integer >= 1 or 'bandit', got {self.window!r}")
-        self.arms = _check_arms(self.arms)
+        self.arms = check_arms(self.arms)
         if self.policy not in POLICIES:
             raise ValueError(f"unknown bandit policy {self.policy!r}; valid: {', '.join(POLICIES)}")
         self._bandit = (Bandit(self.arms, self.buckets, self.policy, self.seed)
@@ -154,7 +154,7 @@ class Speculative(Sampler):
                 fits = W <= N - ka  # an arm clamped at the end of the grid is not credited
                 ctx = time_bucket(grid[ka], self.buckets)
                 self._bandit.update(ctx[fits], W[fits], adv[fits].to(torch.float64))  # steps per call
-                arms += torch.bincount(torch.searchsorted(self._bandit._values, W.cpu()), minlength=len(arms))
+                arms += torch.bincount(self._bandit.index(W), minlength=len(arms))
         stats.proposed, stats.accepted = int(proposed), int(accepted)
         if self._bandit is not None:
             stats.arm_counts = {int(a): int(n) for a, n in zip(self.arms, arms)}
