@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = [  # (label, sampler, draft, baseline label for the wall-time ratio)
         ("euler", build_sampler("euler", steps=N), None, "euler"),
         ("heun (N/2 steps)", build_sampler("heun", steps=N // 2), None, "euler"),
+        ("ab2 (N/4 steps)", build_sampler("ab2", steps=max(2, N // 4)), None, "euler"),  # equal-NFE rival of sfm
         ("sfm extrapolate", build_sampler("sfm", steps=N, drafter="extrapolate", leap=4, tol=0.05), None, "euler"),
         ("fastflow", build_sampler("fastflow", steps=N), None, "euler"),
         ("sde", build_sampler("sde", steps=N), None, "sde"),
