@@ -18,7 +18,8 @@ import time
 import torch
 
 from specflow.data import DigitsDataModule
-from specflow.lit.callbacks import Tally, sample_indices
+from specflow.generate import sample_indices
+from specflow.lit.callbacks import Tally
 from specflow.lit.target import TargetFlow
 from specflow.metrics import bootstrap_fid, bootstrap_fid_difference, build_feature_extractor, extract_features
 from specflow.sampling import build_sampler

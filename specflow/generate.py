@@ -77,6 +77,42 @@ def merge_stats(parts: list[tuple[SampleStats, int]]) -> SampleStats:
     return out
 
 
+def sample_chunks(model, sampler: Sampler, indices, shape: tuple[int, ...], seed: int, labels: Tensor | None = None,
+                  batch_size: int = 256, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  draft=None):
+    """Yield one ``SampleResult`` per chunk of ``batch_size`` sample indices.
+
+    Row i starts from noise drawn from ``per_sample_generators(seed, [indices[i]])`` (on the CPU, so the noise is
+    the same on every device) and the sampler keeps drawing from that stream; ``labels`` (aligned with
+    ``indices``, or None) are the class labels. So a sample is the same alone, in any batch, or on any rank —
+    for every sampler whose per-sample work does not depend on its batch neighbours (euler, heun, sde,
+    speculative with a fixed window, sfm with a fixed leap); samplers with a bandit learn from the whole batch.
+    """
+    indices = torch.as_tensor(indices, dtype=torch.long).flatten()
+    like = torch.empty(0, device=device, dtype=dtype)
+    for lo in range(0, len(indices), batch_size):
+        chunk = indices[lo:lo + batch_size]
+        gens = per_sample_generators(seed, chunk)
+        noise = randn((len(chunk), *shape), gens, like)
+        cond = labels[lo:lo + batch_size].to(device) if labels is not None else None
+        yield sampler.sample(model, noise, cond=cond, draft=draft, generator=gens)
+
+
+def sample_indices(model, sampler: Sampler, indices, shape: tuple[int, ...], seed: int,
+                   num_classes: int | None = None, batch_size: int = 256, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32, draft=None) -> tuple[Tensor, list[SampleStats]]:
+    """Samples (len(indices), *shape) on ``device`` for the given sample indices (``sample_chunks``), with label
+    ``indices[i] % num_classes`` when the model is class-conditional; and the stats of each chunk."""
+    indices = torch.as_tensor(indices, dtype=torch.long).flatten()
+    labels = indices % num_classes if num_classes else None
+    out, stats = [], []
+    for res in sample_chunks(model, sampler, indices, shape, seed, labels, batch_size, device, dtype, draft):
+        out.append(res.samples)
+        stats.append(res.stats)
+    samples = torch.cat(out) if out else torch.empty((0, *shape), device=device, dtype=dtype)
+    return samples, stats
+
+
 def generate(target, sampler: Sampler, n: int, batch_size: int, seed: int = 0, labels=None,
              guidance: float | None = None, draft=None, device: str | torch.device = "cpu") -> Generated:
     """n samples of ``target`` (a specflow net) with ``sampler``, ``batch_size`` at a time, on ``device``.
@@ -107,14 +143,8 @@ def generate(target, sampler: Sampler, n: int, batch_size: int, seed: int = 0, l
         if lab is None:
             raise ValueError(f"guidance={guidance} needs class labels (labels='random', 'cycle' or a list)")
         model = guided(target, guidance)
-    like = torch.empty((), device=dev, dtype=torch.float32)
     outs, parts = [], []
-    for lo in range(0, n, batch_size):
-        idx = list(range(lo, min(n, lo + batch_size)))
-        gens = per_sample_generators(seed, idx)
-        noise = randn((len(idx), *shape), gens, like)
-        cond = lab[idx].to(dev) if lab is not None else None
-        res = sampler.sample(model, noise, cond=cond, draft=draft, generator=gens)
-        outs.append(res.samples.float().cpu())
-        parts.append((res.stats, len(idx)))
+    for res in sample_chunks(model, sampler, range(n), shape, seed, lab, batch_size, dev, draft=draft):
+        outs.append(res.samples.float().cpu())  # collect on the CPU: n may exceed what the device holds
+        parts.append((res.stats, res.samples.shape[0]))
     return Generated(torch.cat(outs), lab, merge_stats(parts))

@@ -18,34 +18,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from specflow.sampling import Sampler, SampleStats, build_sampler
-from specflow.sampling.noise import per_sample_generators, randn
+from specflow.generate import sample_indices, sample_shape  # noqa: F401  (sample_indices re-exported)
 
 DEFAULT_SAMPLERS = [{"name": "euler"}, {"name": "speculative"}, {"name": "sfm"}, {"name": "fastflow"}]
-
-
-def sample_indices(model, sampler: Sampler, indices: Tensor | list[int], shape: tuple[int, ...], seed: int,
-                   num_classes: int | None = None, batch_size: int = 256, device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32, draft=None) -> tuple[Tensor, list[SampleStats]]:
-    """Samples (len(indices), *shape) for the given sample indices, in chunks of ``batch_size``.
-
-    Row i starts from noise drawn from ``per_sample_generators(seed, [indices[i]])`` (on the CPU, so the noise is
-    the same on every device) and the sampler keeps drawing from that stream. Its label, if the model is
-    class-conditional, is ``indices[i] % num_classes``. So a sample is the same alone, in any batch, or on any
-    rank — for every sampler whose per-sample work does not depend on its batch neighbours (euler, heun, sde,
-    speculative with a fixed window, sfm with a fixed leap); samplers with a bandit learn from the whole batch.
-    """
-    indices = torch.as_tensor(indices, dtype=torch.long).flatten()
-    like = torch.empty(0, device=device, dtype=dtype)
-    out, stats = [], []
-    for chunk in indices.split(batch_size):
-        gens = per_sample_generators(seed, chunk)
-        noise = randn((len(chunk), *shape), gens, like)
-        cond = (chunk % num_classes).to(device) if num_classes else None
-        res = sampler.sample(model, noise, cond=cond, draft=draft, generator=gens)
-        out.append(res.samples)
-        stats.append(res.stats)
-    samples = torch.cat(out) if out else like.new_zeros((0, *shape))
-    return samples, stats
 
 
 @dataclass
@@ -224,7 +199,7 @@ class SamplingEvaluation(pl.Callback):
         device = pl_module.device
         rank, world = trainer.global_rank, trainer.world_size
         model, restore = self._velocity(pl_module)
-        shape, num_classes = self._shape(pl_module), self._num_classes(pl_module)
+        shape, num_classes = sample_shape(getattr(pl_module, "net", pl_module)), self._num_classes(pl_module)
         draft = pl_module.draft_model() if any(s.needs_draft for s in self.samplers.values()) else None
         indices = torch.arange(self.num_samples)[rank::world]
         metrics: dict[str, float] = {}
@@ -266,13 +241,6 @@ class SamplingEvaluation(pl.Callback):
 
             model = guidance(model, self.guidance_scale)
         return model, lambda: net.train(was_training)
-
-    def _shape(self, pl_module) -> tuple[int, ...]:
-        net = getattr(pl_module, "net", pl_module)
-        c, s = getattr(net, "in_channels", None), getattr(net, "image_size", None)
-        if c is None:
-            raise ValueError(f"cannot tell the sample shape: {type(net).__name__} has no in_channels/image_size")
-        return (c,) if s is None else (c, s, s)
 
     def _num_classes(self, pl_module) -> int | None:
         return getattr(pl_module, "num_classes", None) or getattr(getattr(pl_module, "net", None), "num_classes", None)
