@@ -68,7 +68,9 @@ def test_untrained_medusa_heads_are_the_frozen_drafter(name, opts):
         target, x0, generator=torch.Generator().manual_seed(1))
     res = build_sampler(name, steps=20, drafter="medusa", **opts).sample(
         target, x0, draft=heads, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(res.samples, ref.samples)
+    # same decisions; states equal up to round-off (the frozen drafter's step is folded into x̂1 form)
+    torch.testing.assert_close(res.samples, ref.samples, rtol=1e-12, atol=1e-12)
+    assert (res.stats.proposed, res.stats.accepted) == (ref.stats.proposed, ref.stats.accepted)
     assert res.stats.draft_nfe > 0 and res.stats.sequential_nfe == ref.stats.sequential_nfe
     if name != "rca":
         assert res.stats.proposed > res.stats.accepted > 0  # both branches ran

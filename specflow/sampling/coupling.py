@@ -80,13 +80,12 @@ def log_acceptance(y: Tensor, p: IsoGaussian, q: IsoGaussian) -> Tensor:
 
 
 def reflect(m_hat: Tensor, m: Tensor, c: Tensor, eps: Tensor) -> Tensor:
-    """m + c·(ε − 2(e·ε)e), e = (m̂ − m)/‖m̂ − m‖ per row (c = 0 gives m)."""
-    p = IsoGaussian(m, c)
-    d = m_hat - m
-    norm = p._event_sum(d * d).sqrt()
-    shape = (-1, *([1] * (d.ndim - 1)))
-    e = d / norm.clamp_min(torch.finfo(d.dtype).tiny).view(shape)  # m̂ = m is always accepted: e unused
-    return p.sample(eps - 2 * p._event_sum(e * eps).view(shape) * e)
+    """m + c·(ε − 2(e·ε)e), e = (m̂ − m)/‖m̂ − m‖ per row (c = 0 gives m), as m + c·ε − 2c·(d·ε)/‖d‖²·d."""
+    d = (m_hat - m).flatten(1)
+    shape = (-1, *([1] * (m.ndim - 1)))
+    # m̂ = m is always accepted, so its (zero) mirror term is never used: the clamp only avoids 0/0.
+    k = (2 * c) * torch.linalg.vecdot(d, eps.flatten(1)) / torch.linalg.vecdot(d, d).clamp_min(torch.finfo(d.dtype).tiny)
+    return torch.addcmul(m, c.view(shape), eps).addcmul_(k.view(shape), d.view_as(m), value=-1)
 
 
 def reflection_coupling(m_hat: Tensor, m: Tensor, c: Tensor, eps: Tensor, u: Tensor) -> Coupled:

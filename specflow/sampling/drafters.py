@@ -7,6 +7,9 @@ One small protocol serves the exact speculative sampler and the deterministic le
                                                            # (h: its trunk features if ``needs_features``)
     v_hat = d(y, s, rows, j, net)                          # draft velocity at drafted state y, time s,
                                                            # j-th step of the current window
+``rows`` maps each row of y to its sample; ``rows=None`` in ``__call__`` means every sample in order (the hot
+path of the speculative sampler: no gathers). ``memory``: how many of a sample's latest target evaluations
+the drafter reads (frozen and medusa 1, extrapolate 2); a sampler may skip older ones within a round.
 Drafters work in x1_hat space (the predicted data changes slowly along the path, the velocity does not):
 v̂(y, s) = (x̂1(s) − y) / (1 − s). Drafted states are never at s = 1 (a velocity is read at a step's start).
 ``net`` is the draft-network Evaluator for drafters that need one (``needs_network``), else None.
@@ -16,6 +19,7 @@ New drafters register with ``@register_drafter``.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from specflow.path import expand, x1_hat
@@ -38,26 +42,30 @@ class Drafter:
     name = "base"
     needs_network = False
     needs_features = False
+    predicts_x1 = True  # v̂ comes from predict_x1(s, rows), independent of y: samplers may fold it into
+    #                     their step's coefficients (drafters that read y, e.g. networks, set False)
+    memory = 1  # how many of the latest target evaluations per sample a round must show it (see observe)
 
     def reset(self, like: Tensor) -> None:
         B = like.shape[0]
         self.x1 = like.new_zeros(like.shape)  # latest target x1_hat per sample
-        self.t = like.new_zeros(B, dtype=like.dtype)
-        self.x1_prev = like.new_zeros(like.shape)
-        self.t_prev = like.new_zeros(B, dtype=like.dtype)
-        self.n_obs = like.new_zeros(B, dtype=like.dtype)
+        self.t = like.new_full((B,), -1.0)  # its time; −1: not observed yet
 
     def observe(self, rows: Tensor, x: Tensor, t: Tensor, v: Tensor, h: Tensor | None = None) -> None:
-        self.x1_prev[rows], self.t_prev[rows] = self.x1[rows], self.t[rows]
-        self.x1[rows], self.t[rows] = x1_hat(x, t.to(x.dtype), v), t.to(x.dtype)
-        self.n_obs[rows] += 1
+        t = t.to(x.dtype)
+        self.x1[rows], self.t[rows] = x1_hat(x, t, v), t
 
-    def predict_x1(self, s: Tensor, rows: Tensor) -> Tensor:
+    def predict_x1(self, s: Tensor, rows: Tensor | None) -> Tensor:
         raise NotImplementedError
 
-    def __call__(self, y: Tensor, s: Tensor, rows: Tensor, j: int, net=None) -> Tensor:
+    def __call__(self, y: Tensor, s: Tensor, rows: Tensor | None, j: int, net=None) -> Tensor:
         s = s.to(y.dtype)
         return (self.predict_x1(s, rows) - y) / (1 - expand(s, y))
+
+
+def _take(a: Tensor, rows: Tensor | None) -> Tensor:
+    """Rows of a per-sample buffer; ``rows=None`` means every sample, in order (no gather)."""
+    return a if rows is None else a[rows]
 
 
 @register_drafter
@@ -67,7 +75,7 @@ class Frozen(Drafter):
     name = "frozen"
 
     def predict_x1(self, s, rows):
-        return self.x1[rows]
+        return _take(self.x1, rows)
 
 
 @register_drafter
@@ -75,13 +83,31 @@ class Extrapolate(Drafter):
     """First-order finite difference in t of the last two target x1_hat predictions (frozen until two exist)."""
 
     name = "extrapolate"
+    memory = 2
+
+    def reset(self, like):
+        super().reset(like)
+        self.x1_prev, self.t_prev = self.x1.clone(), self.t.clone()
+        self._line = None  # (x̂1 − t·slope, slope) per sample, rebuilt lazily once after observations
+
+    def observe(self, rows, x, t, v, h=None):
+        self.x1_prev[rows], self.t_prev[rows] = self.x1[rows], self.t[rows]
+        super().observe(rows, x, t, v)
+        self._line = None
+
+    def line(self) -> tuple[Tensor, Tensor]:
+        """x̂1(s) = intercept + s·slope per sample (slope 0 until two distinct observations exist)."""
+        if self._line is None:
+            dt = self.t - self.t_prev
+            ok = (self.t_prev >= 0) & (dt > 0)
+            inv = torch.where(ok, 1 / dt.clamp_min(torch.finfo(dt.dtype).tiny), 0.0)
+            slope = (self.x1 - self.x1_prev) * expand(inv, self.x1)
+            self._line = (torch.addcmul(self.x1, expand(self.t, slope), slope, value=-1), slope)
+        return self._line
 
     def predict_x1(self, s, rows):
-        x1, t = self.x1[rows], self.t[rows]
-        dt = t - self.t_prev[rows]
-        ok = (self.n_obs[rows] >= 2) & (dt > 0)
-        slope = (x1 - self.x1_prev[rows]) / expand(dt.clamp_min(1e-12), x1)
-        return x1 + expand(ok.to(x1.dtype) * (s - t), x1) * slope
+        intercept, slope = (_take(a, rows) for a in self.line())
+        return torch.addcmul(intercept, expand(s, slope), slope)
 
 
 @register_drafter
@@ -90,6 +116,7 @@ class Model(Drafter):
 
     name = "model"
     needs_network = True
+    predicts_x1 = False
 
     def __call__(self, y, s, rows, j, net=None):
         return net(y, s.to(y.dtype), rows, step=j)
@@ -106,6 +133,7 @@ class Medusa(Drafter):
 
     name = "medusa"
     needs_network = True
+    predicts_x1 = False
     needs_features = True
 
     def reset(self, like: Tensor) -> None:
@@ -124,8 +152,9 @@ class Medusa(Drafter):
 
     def __call__(self, y, s, rows, j, net=None):
         s = s.to(y.dtype)
+        rows = torch.arange(y.shape[0], device=y.device) if rows is None else rows
         v = (self.x1[rows] - y) / (1 - expand(s, y))  # frozen guess, kept for samples never evaluated yet
-        seen = (self.n_obs[rows] > 0).nonzero().squeeze(1)
+        seen = (self.t[rows] >= 0).nonzero().squeeze(1)
         if seen.numel():
             r = rows[seen]
             v[seen] = net(y[seen], s[seen], r, step=j, features=self.h[r], x_src=self.x[r], t_src=self.t[r],

@@ -37,17 +37,20 @@ from specflow.sampling.noise import NoiseTable
 
 @dataclasses.dataclass
 class _Round:
-    """One round's padded tensors: index j (0..L) first, then the A active samples."""
+    """One round's padded tensors over the whole batch: index j (0..L) first, then the B samples. A sample
+    with a shorter window (or finished, L = 0) carries padding that is never evaluated nor accepted."""
 
-    Y: Tensor   # (L+1, A, ...) drafted states y_j
-    T: Tensor   # (L+1, A) their times
-    eps: Tensor  # (L, A, ...) ε_{k+j}: y_{j+1} = m̂_j + ĉ_j·ε_{k+j}
-    Ch: Tensor  # (L, A) draft stds ĉ_j
-    coef: tuple  # target step j: m_j = a_j·y_j + b_j·v_j, std c_j; each (L, A)
-    V: Tensor = None   # (L+1, A, ...) target velocities where evaluated (or known)
-    E: Tensor = None   # (L+1, A) bool: evaluated by this round's target call
-    H: Tensor = None   # (L+1, A, ...) the target's trunk features where evaluated (drafters that read them)
-    last: Tensor = None  # (A,) the last j evaluated (L, or L − 1 when y_L is at t = 1)
+    Y: Tensor    # (L+1, B, ...) drafted states y_j
+    T: Tensor    # (L+1, B) their times
+    P: Tensor    # (L, B, 4) the target's step j: a, b, c, 1/(2c²) (m_j = a·y_j + b·v_j, std c)
+    Ch: Tensor   # (L, B) the draft's std ĉ_j
+    eps: Tensor  # (L, B, ...) ε_{k+j}: y_{j+1} = m̂_j + ĉ_j·ε_{k+j}
+    eps_sq: Tensor  # (L, B) ‖ε_{k+j}‖²/2
+    log_u: Tensor   # (L, B) log u_{k+j}
+    last: Tensor = None  # (B,) the last j evaluated (L, or L − 1 when y_L is at t = 1; −1: none)
+    V: Tensor = None     # (L+1, B, ...) target velocities where evaluated (V[0] = the paid one where known)
+    H: Tensor = None     # (L+1, B, ...) the target's trunk features where evaluated (drafters that read them)
+    m: Tensor = None     # (L, B, ...) the target's means m_j (set by _verify)
 
 
 @register
@@ -114,47 +117,45 @@ class Speculative(Sampler):
             self._bandit.load_state_dict(state["bandit"])
 
     # ---------------------------------------------------------------------------------------------------
+    # The round below is written for GPU latency: every sample stays in the batch (finished ones with an
+    # empty window), tables are gathered once per round, and the only host syncs are the window length and
+    # the rows of the one target call. Time outside the model is measured by benchmarks/speculative.py.
     def _run(self, f, x, grid, draft, generator, stats):
-        N, B = self.steps, x.shape[0]
-        x = x.clone()  # updated in place per sample below; never write into the caller's noise
+        N, B, dev = self.steps, x.shape[0], x.device
+        x = x.clone()  # never write into the caller's noise
         noise = NoiseTable(N, x, generator, uniforms=True)  # ε_k, u_k per (grid step, sample)
+        tab = dict(t=grid.to(x.dtype), P=_step_table(grid, self.eta, x.dtype), eps=noise.eps,
+                   eps_sq=0.5 * _sqnorm(noise.eps), log_u=noise.u.log())
+        tab["Q"] = tab["P"] if self.draft_eta is None else _step_table(grid, self.draft_eta, x.dtype)
         keys = keyed.sample_keys(generator, B, x) if self.draft_eta is not None else None
         drafter = make_drafter(self.drafter)
         drafter.reset(x)
-        k = torch.zeros(B, dtype=torch.long, device=x.device)  # each sample's grid index
-        known = torch.zeros(B, dtype=torch.bool, device=x.device)  # target velocity at (x_k, t_k) paid for
+        k = torch.zeros(B, dtype=torch.long, device=dev)  # each sample's grid index
+        known = torch.zeros(B, dtype=torch.bool, device=dev)  # target velocity at (x_k, t_k) paid for
         v = torch.zeros_like(x)
-        proposed = accepted = torch.zeros((), dtype=torch.long, device=x.device)
+        jj = torch.arange(max(self.arms) if self._bandit is not None else self.window, device=dev) + 1
+        jj = torch.cat([jj.new_zeros(1), jj])[:, None]  # 0..Lmax, a column
+        proposed = accepted = torch.zeros((), dtype=torch.long, device=dev)
         arms = torch.zeros(len(self.arms), dtype=torch.long)
-        while (act := (k < N).nonzero().squeeze(1)).numel():
-            ka, ex = k[act], known[act]
-            W = self._windows(grid[ka], N - ka)
-            L = torch.minimum(W, N - ka)
-            r = self._draft(x[act], v[act], ex, ka, act, L, grid, noise, drafter, draft)
-            self._evaluate(f, r, ex, v[act], ka, act, L, N)
-            a, p, q = self._verify(r, ex, ka, act, L, noise)  # a: leading accepted steps
-            rej = a < L
+        while int(k.min()) < N:
+            W = self._windows(grid[k], N - k)
+            L = torch.minimum(W, N - k)  # 0 for finished samples
+            r = self._draft(x, v, known, k, L, int(L.max()), jj, tab, drafter, draft)
+            self._evaluate(f, r, known, v, k, L, jj)
+            a = self._verify(r, known, L, jj)  # leading accepted steps
+            x, rej = self._next_state(r, a, L, k, keys)
             adv = torch.where(rej, a + 1, L)
-            ar = torch.arange(act.numel(), device=x.device)
-            x_new = r.Y[adv, ar]  # all accepted: y_L (rejected rows are replaced below)
-            if bool(rej.any()):
-                i = rej.nonzero().squeeze(1)
-                pi, qi = p[a[i], i], q[a[i], i]
-                if self.draft_eta is None:  # reflection maximal coupling
-                    x_new[i] = reflect(qi.mean, pi.mean, pi.std, r.eps[a[i], i])
-                else:  # general maximal coupling: residual (p − q)+ by keyed rejection sampling
-                    x_new[i] = residual_sample(pi, qi, _keyed_draw(keys[act[i]], ka[i] + a[i], x))
-            self._observe(drafter, r, a, ex, act)
-            x[act], k[act], v[act] = x_new, ka + adv, r.V[L, ar]
-            known[act] = ~rej & (ka + adv < N)  # an all-accepted round evaluated y_L: it seeds the next
-            proposed = proposed + (torch.minimum(a + 1, L) - ex.long()).sum()
-            accepted = accepted + (a - ex.long()).sum()
-            stats.rounds += 1
+            self._observe(drafter, r, a, known)
+            proposed = proposed + (torch.minimum(a + 1, L) - known.long()).sum()
+            accepted = accepted + (a - known.long()).sum()
             if self._bandit is not None:
-                fits = W <= N - ka  # an arm clamped at the end of the grid is not credited
-                ctx = time_bucket(grid[ka], self.buckets)
-                self._bandit.update(ctx[fits], W[fits], adv[fits].to(torch.float64))  # steps per call
-                arms += torch.bincount(self._bandit.index(W), minlength=len(arms))
+                fits = W <= N - k  # an arm clamped at the end of the grid (or a finished sample) is not credited
+                self._bandit.update(time_bucket(grid[k], self.buckets)[fits], W[fits], adv[fits].double())
+                arms += torch.bincount(self._bandit.index(W[k < N]), minlength=len(arms))
+            v = r.V[L, torch.arange(B, device=dev)]
+            k = k + adv
+            known = ~rej & (k < N)  # an all-accepted round evaluated y_L: it seeds the next
+            stats.rounds += 1
         stats.proposed, stats.accepted = int(proposed), int(accepted)
         if self._bandit is not None:
             stats.arm_counts = {int(a): int(n) for a, n in zip(self.arms, arms)}
@@ -165,81 +166,125 @@ class Speculative(Sampler):
             return torch.full_like(remaining, self.window)
         return self._bandit.select(time_bucket(t, self.buckets), limit=remaining).to(remaining.device)
 
-    def _draft(self, x, v, ex, ka, act, L, grid, noise, drafter, draft) -> _Round:
-        """y_{j+1} = m̂_j + ĉ_j·ε_{k+j} for j < L (per sample); step 0 is the target's own when ``ex``."""
-        Lmax, Lmin, A = int(L.max()), int(L.min()), act.numel()
-        T = grid[(ka + torch.arange(Lmax + 1, device=x.device)[:, None]).clamp(max=self.steps)].to(x.dtype)
-        coef = transition_coefficients(T[:-1], T[1:], self.eta)  # the target's step, (Lmax, A) each
-        a_q, b_q, c_q = coef if self.draft_eta is None else transition_coefficients(T[:-1], T[1:], self.draft_eta)
-        if self.draft_eta is not None:  # the target's own step (ex) uses the target's transition
-            a_q, b_q, c_q = (torch.cat([torch.where(ex, p[:1], q[:1]), q[1:]]) for p, q in zip(coef, (a_q, b_q, c_q)))
-        eps = noise.eps[(ka + torch.arange(Lmax, device=x.device)[:, None]).clamp(max=self.steps - 1), act]
-        r = _Round(Y=x.new_zeros((Lmax + 1, *x.shape)), T=T, eps=eps, Ch=c_q, coef=coef)
+    def _draft(self, x, v, ex, k, L, Lmax, jj, tab, drafter, draft) -> _Round:
+        """y_{j+1} = m̂_j + ĉ_j·ε_{k+j} for j < L (per sample); step 0 is the target's own where ``ex``."""
+        N, B = self.steps, x.shape[0]
+        J = k + jj[:Lmax + 1]  # grid index of y_j
+        Jc = J[:-1].clamp(max=N - 1)  # grid step j (padding repeats the last step: finite, never used)
+        ar = torch.arange(B, device=x.device)
+        P = tab["P"][Jc]
+        Q = P if tab["Q"] is tab["P"] else torch.cat([torch.where(ex[:, None], P[:1], tab["Q"][Jc[:1]]),
+                                                     tab["Q"][Jc[1:]]])  # the target's own step uses p
+        r = _Round(Y=x.new_empty((Lmax + 1, *x.shape)), T=tab["t"][J.clamp(max=N)], P=P, Ch=Q[..., 2],
+                   eps=tab["eps"][Jc, ar], eps_sq=tab["eps_sq"][Jc, ar], log_u=tab["log_u"][Jc, ar])
+        S = tab["t"][Jc]  # each step's start time (= T[:-1] where real; < 1 even in padding)
+        a_q, b_q = _bcast(Q[..., 0], x), _bcast(Q[..., 1], x)
+        ce = _bcast(Q[..., 2], x) * r.eps  # ĉ_j·ε_{k+j}
         r.Y[0] = x
-        shape = (Lmax, A, *([1] * (x.ndim - 1)))
-        a_q, b_q, ce = a_q.view(shape), b_q.view(shape), c_q.view(shape) * eps  # ce_j = ĉ_j·ε_{k+j}
-        for j in range(Lmax):
-            if j < Lmin:  # every sample drafts step j: plain views, no gathers
-                b, y, t = act, r.Y[j], T[j]
-            else:
-                pos = (L > j).nonzero().squeeze(1)
-                b, y, t = act[pos], r.Y[j, pos], T[j, pos]
-            if j == 0:  # the velocity at x_k is the target's own where it was paid for, else drafted
-                v_hat = v.clone()
-                d = (~ex).nonzero().squeeze(1)
-                if d.numel():
-                    v_hat[d] = drafter(y[d], t[d], b[d], 0, draft)
-            else:
-                v_hat = drafter(y, t, b, j, draft)
-            if j < Lmin:  # y_{j+1} = a_j·y_j + b_j·v̂_j + ĉ_j·ε, written in place
-                torch.mul(a_q[j], y, out=r.Y[j + 1])
-                r.Y[j + 1] += b_q[j] * v_hat
-                r.Y[j + 1] += ce[j]
-            else:
-                r.Y[j + 1, pos] = a_q[j, pos] * y + b_q[j, pos] * v_hat + ce[j, pos]
+        if drafter.predicts_x1:  # v̂ = (x̂1(s) − y)/(1 − s): y_{j+1} = (a − β)·y + β·x̂1 + ĉε, β = b/(1 − s)
+            beta = b_q / _bcast(1 - S, x)
+            alpha = a_q - beta
+            for j in range(Lmax):
+                x1 = drafter.predict_x1(S[j], None)  # every row (padding included): no gathers
+                if j == 0:  # the target's own x̂1 where its velocity at x_k was paid for
+                    x1 = torch.where(_bcast(ex, x), torch.addcmul(x, _bcast(1 - S[0], x), v), x1)
+                torch.addcmul(ce[j], alpha[j], r.Y[j], out=r.Y[j + 1])
+                r.Y[j + 1].addcmul_(beta[j], x1)
+            return r
+        for j in range(Lmax):  # a velocity drafter (a network): only the real rows are drafted
+            y = r.Y[j]
+            v_hat = v.clone() if j == 0 else torch.zeros_like(y)
+            pos = ((L > j) & ~ex if j == 0 else L > j).nonzero().squeeze(1)
+            if pos.numel():
+                v_hat[pos] = drafter(y[pos], S[j, pos], pos, j, draft)
+            torch.addcmul(ce[j], a_q[j], y, out=r.Y[j + 1])
+            r.Y[j + 1].addcmul_(b_q[j], v_hat)
         return r
 
-    def _evaluate(self, f, r: _Round, ex, v, ka, act, L, N) -> None:
-        """The round's one target call: y_j for j in [ex, L] of each sample (not y_L at t = 1)."""
-        jj = torch.arange(r.Y.shape[0], device=ka.device)[:, None]
-        r.last = last = torch.where(ka + L < N, L, L - 1)
-        r.E = (jj >= ex.long()) & (jj <= last)
-        rows = act.expand(r.Y.shape[0], -1)[r.E]
+    def _evaluate(self, f, r: _Round, ex, v, k, L, jj) -> None:
+        """The round's one target call: y_j for j in [ex, last] of each sample (not y_L at t = 1)."""
+        B = k.shape[0]
+        r.last = torch.where(k + L < self.steps, L, L - 1)
+        E = (jj[:r.Y.shape[0]] >= ex.long()) & (jj[:r.Y.shape[0]] <= r.last)
+        idx = E.flatten().nonzero().squeeze(1)
         r.V = torch.zeros_like(r.Y)
-        if rows.numel():  # none only when every sample takes its last step with a velocity already paid for
-            r.V[r.E] = f(r.Y[r.E], r.T[r.E], rows, step=_Steps(ka, ka + last))
-            h = getattr(f, "features", None) if self.needs_features else None
+        r.V[0] = v  # where known; overwritten by the evaluation elsewhere
+        if idx.numel():  # none only when every sample takes its last step with a velocity already paid for
+            rows = None if f.cond is None else idx % B
+            vv = f(r.Y.flatten(0, 1)[idx], r.T.flatten()[idx], rows, step=_Steps(k, k + r.last))
+            r.V.flatten(0, 1).index_copy_(0, idx, vv)
+            h = f.features if self.needs_features else None
             if h is not None:
-                r.H = h.new_zeros((*r.E.shape, *h.shape[1:]))
-                r.H[r.E] = h
-        r.V[0, ex] = v[ex]
+                r.H = h.new_zeros((r.Y.shape[0] * B, *h.shape[1:]))
+                r.H.index_copy_(0, idx, h)
+                r.H = r.H.view(r.Y.shape[0], B, *h.shape[1:])
 
-    def _verify(self, r: _Round, ex, ka, act, L, noise):
-        """Leading accepted steps a ∈ [0, L] per sample, and the target/draft laws p_j, q_j of every step."""
-        Lmax = r.eps.shape[0]
-        a_p, b_p, _ = (c.view(*c.shape, *([1] * (r.Y.ndim - 2))) for c in r.coef)
-        p = IsoGaussian(a_p * r.Y[:-1] + b_p * r.V[:-1], r.coef[2])  # the target's step from each y_j
-        q = IsoGaussian(r.Y[1:] - r.Ch.view(a_p.shape) * r.eps, r.Ch)  # the draft's: m̂_j = y_{j+1} − ĉ_j·ε
-        u = noise.u[(ka + torch.arange(Lmax, device=ka.device)[:, None]).clamp(max=self.steps - 1), act]
-        ok = u.log() <= log_acceptance(r.Y[1:], p, q)
-        ok |= torch.arange(Lmax, device=ka.device)[:, None] >= L[None]  # padding
+    def _verify(self, r: _Round, ex, L, jj) -> Tensor:
+        """Leading accepted steps a ∈ [0, L] per sample: u_{k+j} < min(1, p_j(y_{j+1}) / q_j(y_{j+1}))."""
+        y, a_p, b_p = r.Y[:-1], _bcast(r.P[..., 0], r.Y[0]), _bcast(r.P[..., 1], r.Y[0])
+        r.m = torch.addcmul(a_p * y, b_p, r.V[:-1])  # the target's mean from each y_j
+        d = r.Y[1:] - r.m
+        if self.draft_eta is None:  # equal covariance: log p − log q = (‖ε‖² − ‖y − m‖²/c²) / 2
+            ell = torch.addcmul(r.eps_sq, _sqnorm(d), r.P[..., 3], value=-1)  # both halved in the tables
+            ell = ell.nan_to_num(nan=0.0)  # c = 0 (the step to t = 1) with m̂ = m exactly: 0·∞, accept
+        else:
+            ell = log_acceptance(r.Y[1:], IsoGaussian(r.m, r.P[..., 2]),
+                                 IsoGaussian(r.Y[1:] - _bcast(r.Ch, r.Y[0]) * r.eps, r.Ch))
+        ok = r.log_u < ell  # strict: u = 0 never accepts a zero ratio
+        ok |= jj[1:r.Y.shape[0]] > L  # padding
         ok[0] |= ex  # the target's own step
-        a = torch.minimum(ok.long().cumprod(0).sum(0), L)
-        return a, p, q
+        return torch.minimum(ok.long().cumprod(0).sum(0), L)
 
-    def _observe(self, drafter, r: _Round, a, ex, act) -> None:
+    def _next_state(self, r: _Round, a, L, k, keys):
+        """x_{k+adv}: y_L where all L steps were accepted, else the coupled state at the first rejection."""
+        B = L.shape[0]
+        ar = torch.arange(B, device=L.device)
+        rej = a < L
+        x = r.Y[torch.where(rej, a + 1, L), ar]
+        j = a.clamp(max=r.m.shape[0] - 1)  # the first rejected step (garbage where nothing was rejected)
+        m, c, eps = r.m[j, ar], r.P[j, ar, 2], r.eps[j, ar]
+        if self.draft_eta is None:  # reflection maximal coupling, dense (no sync to find the rejected rows)
+            m_hat = torch.addcmul(r.Y[j + 1, ar], _bcast(c, eps), eps, value=-1)
+            return torch.where(_bcast(rej, x), self._couple(m_hat, m, c, eps), x), rej
+        i = rej.nonzero().squeeze(1)  # general maximal coupling: residual (p − q)+ by keyed rejection sampling
+        if i.numel():
+            ch = r.Ch[j[i], i]
+            q = IsoGaussian(r.Y[j[i] + 1, i] - _bcast(ch, eps[i]) * eps[i], ch)
+            x[i] = residual_sample(IsoGaussian(m[i], c[i]), q, _keyed_draw(keys[i], k[i] + a[i], x))
+        return x, rej
+
+    def _couple(self, m_hat, m, c, eps):
+        return reflect(m_hat, m, c, eps)
+
+    def _observe(self, drafter, r: _Round, a, ex) -> None:
         """Feed the drafter the target evaluations at chain states (y_j, ex ≤ j ≤ min(a, last)), in order of
-        time: the last ``drafter.memory`` of them per sample (default 2: what frozen, extrapolate and medusa
-        read; ``memory = None``: all). Never a discarded draft's, so no proposal sees its own step's noise."""
+        time: the last ``drafter.memory`` of them per sample. Never a discarded draft's, so no proposal sees
+        its own step's noise."""
         lo, hi = ex.long(), torch.minimum(a, r.last)  # each sample's evaluated chain states: lo..hi
-        memory = getattr(drafter, "memory", 2)
-        for m in reversed(range(r.Y.shape[0] if memory is None else memory)):
+        for m in reversed(range(drafter.memory)):
             j = hi - m
             pos = (j >= lo).nonzero().squeeze(1)
             if pos.numel():
                 j = j[pos]
                 h = () if r.H is None else (r.H[j, pos],)
-                drafter.observe(act[pos], r.Y[j, pos], r.T[j, pos], r.V[j, pos], *h)
+                drafter.observe(pos, r.Y[j, pos], r.T[j, pos], r.V[j, pos], *h)
+
+
+def _step_table(grid: Tensor, eta: float, dtype) -> Tensor:
+    """(N, 4): a, b, c, 1/(2c²) of every grid step's transition (∞ at c = 0), computed once in float64."""
+    a, b, c = transition_coefficients(grid[:-1], grid[1:], eta)
+    return torch.stack([a, b, c, torch.where(c > 0, 0.5 / c.square(), torch.inf)], 1).to(dtype)
+
+
+def _sqnorm(a: Tensor) -> Tensor:
+    """‖a‖² over the event dims of (steps, samples, ...) tensors."""
+    a = a.flatten(2)
+    return torch.linalg.vecdot(a, a)
+
+
+def _bcast(c: Tensor, like: Tensor) -> Tensor:
+    """Per-sample values (any leading shape) viewed to broadcast against states shaped like ``like`` (B, ...)."""
+    return c.view(*c.shape, *([1] * (like.ndim - 1)))
 
 
 def _keyed_draw(keys: Tensor, steps: Tensor, like: Tensor):
