@@ -1,14 +1,19 @@
 """Plain solvers: the baselines every acceleration is measured against.
 
-State is kept in the noise's dtype (pass float64 noise for reference solutions); times in float64.
+State is kept in the noise's dtype (pass float64 noise for reference solutions); step sizes and coefficients
+come from the float64 grid.
 """
 from __future__ import annotations
 
 import dataclasses
 
-from specflow.path import ancestral_step
+from specflow.path import transition_coefficients
 from specflow.sampling.base import Sampler, register
 from specflow.sampling.noise import NoiseTable
+
+
+# Step sizes and coefficients are Python floats from the float64 grid, and the times handed to the model
+# are views of one tensor in the state's dtype: a step launches only its own few kernels (GPU latency).
 
 
 @register
@@ -19,9 +24,9 @@ class Euler(Sampler):
     name = "euler"
 
     def _run(self, f, x, grid, draft, generator, stats):
+        t, h = grid.to(x.dtype), grid.diff().tolist()
         for k in range(self.steps):
-            t_cur, t_next = grid[k], grid[k + 1]
-            x = x + (t_next - t_cur).to(x.dtype) * f(x, t_cur, step=k)  # Euler step
+            x = x.add(f(x, t[k], step=k), alpha=h[k])  # Euler step
         return x
 
 
@@ -33,13 +38,12 @@ class Heun(Sampler):
     name = "heun"
 
     def _run(self, f, x, grid, draft, generator, stats):
+        t, h = grid.to(x.dtype), grid.diff().tolist()
         for k in range(self.steps):
-            t_cur, t_next = grid[k], grid[k + 1]
-            h = (t_next - t_cur).to(x.dtype)
-            d_cur = f(x, t_cur, step=k)
-            x_next = x + h * d_cur  # Euler step
-            d_prime = f(x_next, t_next, step=k)
-            x = x + h * (0.5 * d_cur + 0.5 * d_prime)  # 2nd order correction
+            d_cur = f(x, t[k], step=k)
+            x_next = x.add(d_cur, alpha=h[k])  # Euler step
+            d_prime = f(x_next, t[k + 1], step=k)
+            x = x.add(d_cur + d_prime, alpha=h[k] / 2)  # 2nd order correction (model outputs are never written to)
         return x
 
 
@@ -51,16 +55,15 @@ class AB2(Sampler):
     name = "ab2"
 
     def _run(self, f, x, grid, draft, generator, stats):
+        t, h = grid.to(x.dtype), grid.diff().tolist()
         d_prev = None
         for k in range(self.steps):
-            t_cur, t_next = grid[k], grid[k + 1]
-            h = (t_next - t_cur).to(x.dtype)
-            d_cur = f(x, t_cur, step=k)
+            d_cur = f(x, t[k], step=k)
             if d_prev is None:
-                x = x + h * d_cur  # first step: Euler
+                x = x.add(d_cur, alpha=h[k])  # first step: Euler
             else:
-                r = (h / (t_cur - grid[k - 1]).to(x.dtype))
-                x = x + h * ((1 + r / 2) * d_cur - (r / 2) * d_prev)
+                r = h[k] / h[k - 1]
+                x = x.add(d_cur, alpha=h[k] * (1 + r / 2)).add_(d_prev, alpha=-h[k] * r / 2)
             d_prev = d_cur
         return x
 
@@ -68,7 +71,8 @@ class AB2(Sampler):
 @register
 @dataclasses.dataclass
 class SDE(Sampler):
-    """Ancestral sampler of the linear path (DESIGN §1): x_{k+1} = m_k + c_k·ε_k. η = 0 is Euler."""
+    """Ancestral sampler of the linear path (DESIGN §1): x_{k+1} = a_k·x_k + b_k·v_k + c_k·ε_k (= mean + c·ε,
+    ``path.transition_coefficients``). η = 0 is Euler."""
 
     name = "sde"
     eta: float = 1.0
@@ -80,6 +84,8 @@ class SDE(Sampler):
 
     def _run(self, f, x, grid, draft, generator, stats):
         noise = NoiseTable(self.steps, x, generator)
+        t = grid.to(x.dtype)
+        a, b, c = (z.tolist() for z in transition_coefficients(grid[:-1], grid[1:], self.eta))
         for k in range(self.steps):
-            x = ancestral_step(x, grid[k], grid[k + 1], f(x, grid[k], step=k), noise.eps[k], self.eta)
+            x = (x * a[k]).add_(f(x, t[k], step=k), alpha=b[k]).add_(noise.eps[k], alpha=c[k])
         return x
