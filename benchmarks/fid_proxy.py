@@ -19,11 +19,11 @@ import torch
 
 from specflow.data import DigitsDataModule
 from specflow.generate import sample_indices
-from specflow.lit.callbacks import Tally
 from specflow.lit.target import TargetFlow
 from specflow.metrics import bootstrap_fid, bootstrap_fid_difference, build_feature_extractor, extract_features
 from specflow.sampling import build_sampler
 from specflow.sampling.speculative import Speculative
+from specflow.tally import Tally
 
 
 class AcceptAll(Speculative):

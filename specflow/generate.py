@@ -18,13 +18,14 @@ from torch import Tensor
 from specflow.sampling.base import Sampler
 from specflow.sampling.noise import per_sample_generators, randn
 from specflow.sampling.stats import SampleStats
+from specflow.tally import Tally
 
 
 @dataclass
 class Generated:
     samples: Tensor  # (n, ...) float32 on the CPU
     labels: Tensor | None  # (n,) long class labels, or None (unconditional)
-    stats: SampleStats  # summed over batches (see merge_stats)
+    stats: SampleStats  # the batches combined: Tally.stats()
 
 
 def sample_shape(net) -> tuple[int, ...]:
@@ -54,27 +55,6 @@ def resolve_labels(labels, n: int, num_classes: int | None, seed: int) -> Tensor
     if lab.numel() == 0 or lab.min() < 0 or lab.max() >= num_classes:
         raise ValueError(f"class labels must lie in [0, {num_classes - 1}]; got {lab.tolist()}")
     return lab.repeat(math.ceil(n / lab.numel()))[:n]
-
-
-def merge_stats(parts: list[tuple[SampleStats, int]]) -> SampleStats:
-    """Stats of consecutive batches: calls, rounds, wall time and counts add up; per-sample quantities
-    (total_nfe, draft_nfe) are averaged with the batch sizes as weights. ``sequential_nfe`` is the sum over
-    batches: the calls on the critical path of the whole run."""
-    out = SampleStats(baseline_steps=parts[0][0].baseline_steps)
-    n = sum(b for _, b in parts)
-    for st, b in parts:
-        out.sequential_nfe += st.sequential_nfe
-        out.total_nfe += st.total_nfe * b / n
-        out.draft_nfe += st.draft_nfe * b / n
-        out.proposed += st.proposed
-        out.accepted += st.accepted
-        out.rounds += st.rounds
-        out.wall_time_s += st.wall_time_s
-        for arm, c in st.arm_counts.items():
-            out.arm_counts[arm] = out.arm_counts.get(arm, 0) + c
-    if out.proposed:
-        out.acceptance_rate = out.accepted / out.proposed
-    return out
 
 
 def sample_chunks(model, sampler: Sampler, indices, shape: tuple[int, ...], seed: int, labels: Tensor | None = None,
@@ -143,8 +123,8 @@ def generate(target, sampler: Sampler, n: int, batch_size: int, seed: int = 0, l
         if lab is None:
             raise ValueError(f"guidance={guidance} needs class labels (labels='random', 'cycle' or a list)")
         model = guided(target, guidance)
-    outs, parts = [], []
+    outs, tally = [], Tally()
     for res in sample_chunks(model, sampler, range(n), shape, seed, lab, batch_size, dev, draft=draft):
         outs.append(res.samples.float().cpu())  # collect on the CPU: n may exceed what the device holds
-        parts.append((res.stats, res.samples.shape[0]))
-    return Generated(torch.cat(outs), lab, merge_stats(parts))
+        tally.add(res.stats, res.samples.shape[0])
+    return Generated(torch.cat(outs), lab, tally.stats())

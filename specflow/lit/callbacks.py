@@ -8,7 +8,6 @@ ranks share the work: rank r draws indices r, r + W, r + 2W, … and the results
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -17,66 +16,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from specflow.sampling import Sampler, SampleStats, build_sampler
+from specflow.sampling import Sampler, build_sampler
 from specflow.generate import sample_indices, sample_shape  # noqa: F401  (sample_indices re-exported)
+from specflow.tally import Tally
 
 DEFAULT_SAMPLERS = [{"name": "euler"}, {"name": "speculative"}, {"name": "sfm"}, {"name": "fastflow"}]
-
-
-@dataclass
-class Tally:
-    """SampleStats of many batches (and ranks) combined; NFE and rounds are sample-weighted batch means."""
-
-    samples: float = 0.0
-    sequential_nfe: float = 0.0  # Σ batch · value, divided out in ``summary``
-    total_nfe: float = 0.0
-    draft_nfe: float = 0.0
-    rounds: float = 0.0
-    baseline_steps: float = 0.0
-    proposed: float = 0.0
-    accepted: float = 0.0
-    wall_time_s: float = 0.0  # max over ranks (they run in parallel), sum over a rank's batches
-    arms: dict = field(default_factory=dict)
-
-    SUMMED = ("samples", "sequential_nfe", "total_nfe", "draft_nfe", "rounds", "baseline_steps", "proposed", "accepted")
-
-    def add(self, st: SampleStats, batch: int) -> None:
-        self.samples += batch
-        for k in ("sequential_nfe", "total_nfe", "draft_nfe", "rounds", "baseline_steps"):
-            setattr(self, k, getattr(self, k) + batch * float(getattr(st, k)))
-        self.proposed += st.proposed
-        self.accepted += st.accepted
-        self.wall_time_s += st.wall_time_s
-        for a, n in st.arm_counts.items():
-            self.arms[int(a)] = self.arms.get(int(a), 0) + int(n)
-
-    def vector(self, arms: list[int]) -> Tensor:
-        vals = [getattr(self, k) for k in self.SUMMED] + [self.wall_time_s] + [self.arms.get(a, 0) for a in arms]
-        return torch.tensor(vals, dtype=torch.float64)
-
-    @classmethod
-    def reduce(cls, vectors: Tensor, arms: list[int]) -> "Tally":
-        """Combine the (W, k) per-rank vectors: sums, except wall time (max)."""
-        n = len(cls.SUMMED)
-        total = vectors.sum(0)
-        t = cls(**{k: float(v) for k, v in zip(cls.SUMMED, total[:n])})
-        t.wall_time_s = float(vectors[:, n].max())
-        t.arms = {a: int(c) for a, c in zip(arms, total[n + 1:])}
-        return t
-
-    def summary(self) -> dict[str, float]:
-        b = max(self.samples, 1.0)
-        out = {"sequential_nfe": self.sequential_nfe / b, "total_nfe": self.total_nfe / b,
-               "draft_nfe": self.draft_nfe / b, "wall_time_s": self.wall_time_s}
-        if self.rounds > 0:  # speculative/leap samplers only
-            out["rounds"] = self.rounds / b
-        if self.sequential_nfe > 0:  # baseline steps per sequential call: the latency speed-up over N steps
-            out["speedup"] = self.baseline_steps / self.sequential_nfe
-        if self.proposed > 0:
-            out["acceptance_rate"] = self.accepted / self.proposed
-        if sum(self.arms.values()) > 0:  # a sampler with a fixed window/leap has arms but no bandit
-            out.update({f"arm_{a}": float(c) for a, c in sorted(self.arms.items())})
-        return out
 
 
 class SamplingEvaluation(pl.Callback):
@@ -247,10 +191,10 @@ class SamplingEvaluation(pl.Callback):
 
     def _reduce(self, trainer, tally: Tally, sampler: Sampler) -> dict[str, float]:
         arms = sorted(int(a) for a in getattr(sampler, "arms", ()))
-        vec = tally.vector(arms)
+        vec = tally.to_vector(arms)
         if trainer.world_size > 1:
-            vec = trainer.strategy.all_gather(vec.to(trainer.strategy.root_device)).cpu().reshape(trainer.world_size, -1)
-        return Tally.reduce(vec.reshape(-1, vec.shape[-1]), arms).summary()
+            vec = trainer.strategy.all_gather(vec.to(trainer.strategy.root_device)).cpu()
+        return Tally.from_vectors(vec, arms).summary()
 
     # ------------------------------------------------------------------------------------------- metrics
     def _prepare_metrics(self, trainer, pl_module) -> None:
