@@ -8,7 +8,9 @@ Toy table columns (one run each, same N and η as sde):
   accept   accepted / proposed draft steps      seq/N    sequential target calls / N (latency)
   total/N  target rows per sample / N (compute) wall×    wall time / sde's wall time (same process)
   p_energy, p_ks   two-sample tests of speculative vs sde (independent seeds): large = no detectable bias
-Overhead mode: wall time minus the time spent inside model calls (synchronised on CUDA), as a share of wall.
+Overhead mode (plain solvers, sfm, fastflow and speculative on one model, N = --steps; heun gets N/2 steps,
+i.e. the same N target calls): ``outside`` = wall time minus the time inside model calls (synchronised on
+CUDA before and after each call, so it is an upper bound on what the sampler adds), as a share of wall.
 """
 from __future__ import annotations
 
@@ -116,23 +118,46 @@ def toy_table(args):
 
 
 def overhead(args):
+    """Per sampler: NFE, wall time, time inside the model and the share outside it, plus wall time / sde's."""
     model, shape = make_model(args.model, 0, args.device)
-    print(f"sampler overhead: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
-          f"batch {args.batch}, N = {args.steps}, device {args.device}")
-    print(f"{'sampler':>12} {'drafter':>12} {'window':>7} {'seq/N':>6} {'total/N':>8} {'wall s':>7} "
-          f"{'model s':>8} {'overhead':>9}")
-    noise = torch.randn(args.batch, *shape, device=args.device, generator=torch.Generator(args.device).manual_seed(0))
-    configs = [("sde", {}, "-")] + [("speculative", dict(drafter=d, window=w), w)
-                                    for d in args.drafters for w in args.windows]
-    with torch.no_grad():
-        for name, opts, window in configs:
-            s = build_sampler(name, steps=args.steps, eta=args.eta, **opts)
-            s.sample(model, noise, generator=torch.Generator(args.device).manual_seed(1))  # warm-up (bandit learns)
-            timed = Timed(model, args.device)
-            st = s.sample(timed, noise, generator=torch.Generator(args.device).manual_seed(0)).stats
-            print(f"{name:>12} {opts.get('drafter', '-'):>12} {str(window):>7} {st.sequential_nfe / args.steps:6.2f} "
-                  f"{st.total_nfe / args.steps:8.2f} {st.wall_time_s:7.3f} {timed.seconds:8.3f} "
-                  f"{100 * (1 - timed.seconds / st.wall_time_s):8.1f}%")
+    for batch in args.batch:
+        print(f"\nsampler overhead: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
+              f"batch {batch}, N = {args.steps}, device {_device_name(args.device)}")
+        print(f"{'sampler':>12} {'options':>32} {'seq/N':>6} {'total/N':>8} {'rounds':>6} {'wall s':>7} "
+              f"{'model s':>8} {'outside':>8} {'wall×sde':>8}")
+        noise = torch.randn(batch, *shape, device=args.device, generator=torch.Generator(args.device).manual_seed(0))
+        configs = [("sde", {}), ("euler", {}), ("ab2", {}), ("heun", dict(steps=args.steps // 2)),
+                   ("sfm", dict(leap=4, tol=0.05)), ("fastflow", {})]
+        configs += [("speculative", dict(drafter=d, window=w)) for d in args.drafters for w in args.windows]
+        sde_wall = None
+        with torch.no_grad():
+            for name, opts in configs:
+                opts = dict(dict(steps=args.steps), **opts)
+                if name in ("sde", "speculative"):
+                    opts["eta"] = args.eta
+                s = build_sampler(name, **opts)
+                gen = lambda seed: torch.Generator(args.device).manual_seed(seed)  # noqa: E731
+                s.sample(model, noise, generator=gen(1))  # warm-up (the bandits learn here too)
+                best = None
+                for rep in range(args.repeats):  # the least-disturbed of a few runs
+                    timed = Timed(model, args.device)
+                    st = s.sample(timed, noise, generator=gen(0)).stats
+                    if best is None or st.wall_time_s - timed.seconds < best[0].wall_time_s - best[1]:
+                        best = (st, timed.seconds)
+                st, inside = best
+                sde_wall = st.wall_time_s if name == "sde" else sde_wall
+                shown = ", ".join(f"{k}={v}" for k, v in opts.items() if k not in ("steps", "eta")) or "-"
+                if name == "heun":
+                    shown = f"{opts['steps']} steps"
+                print(f"{name:>12} {shown:>32} {st.sequential_nfe / args.steps:6.2f} "
+                      f"{st.total_nfe / args.steps:8.2f} {st.rounds:6d} {st.wall_time_s:7.3f} {inside:8.3f} "
+                      f"{100 * (1 - inside / st.wall_time_s):7.1f}% {st.wall_time_s / sde_wall:8.2f}")
+
+
+def _device_name(device: str) -> str:
+    if str(device).startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__})"
+    return f"{device} ({torch.get_num_threads()} threads, torch {torch.__version__})"
 
 
 def main():
@@ -146,7 +171,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--overhead", action="store_true", help="time outside the model instead of the toy table")
     ap.add_argument("--model", default="unet+toy", help="model for --overhead: unet | unet+toy (see make_model)")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, nargs="+", default=[64])
+    ap.add_argument("--repeats", type=int, default=3, help="--overhead: timed runs per sampler (the best is shown)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = ap.parse_args()
     args.windows = [w if w == "bandit" else int(w) for w in args.windows]

@@ -137,8 +137,15 @@ class Speculative(Sampler):
         jj = torch.cat([jj.new_zeros(1), jj])[:, None]  # 0..Lmax, a column
         proposed = accepted = torch.zeros((), dtype=torch.long, device=dev)
         arms = torch.zeros(len(self.arms), dtype=torch.long)
+        grid_cpu = grid.cpu()
         while int(k.min()) < N:
-            W = self._windows(grid[k], N - k)
+            if self._bandit is None:
+                W = torch.full_like(k, self.window)
+            else:  # the bandit lives on the CPU: one copy of k down, one of the windows up
+                k_cpu = k.cpu()
+                ctx = time_bucket(grid_cpu[k_cpu], self.buckets)
+                W_cpu = self._bandit.select(ctx, limit=N - k_cpu)
+                W = W_cpu.to(dev)
             L = torch.minimum(W, N - k)  # 0 for finished samples
             r = self._draft(x, v, known, k, L, int(L.max()), jj, tab, drafter, draft)
             self._evaluate(f, r, known, v, k, L, jj)
@@ -149,9 +156,9 @@ class Speculative(Sampler):
             proposed = proposed + (torch.minimum(a + 1, L) - known.long()).sum()
             accepted = accepted + (a - known.long()).sum()
             if self._bandit is not None:
-                fits = W <= N - k  # an arm clamped at the end of the grid (or a finished sample) is not credited
-                self._bandit.update(time_bucket(grid[k], self.buckets)[fits], W[fits], adv[fits].double())
-                arms += torch.bincount(self._bandit.index(W[k < N]), minlength=len(arms))
+                fits = W_cpu <= N - k_cpu  # an arm clamped at the end of the grid (or a finished sample): no credit
+                self._bandit.update(ctx[fits], W_cpu[fits], adv.cpu()[fits].double())  # steps per target call
+                arms += torch.bincount(self._bandit.index(W_cpu[k_cpu < N]), minlength=len(arms))
             v = r.V[L, torch.arange(B, device=dev)]
             k = k + adv
             known = ~rej & (k < N)  # an all-accepted round evaluated y_L: it seeds the next
@@ -160,11 +167,6 @@ class Speculative(Sampler):
         if self._bandit is not None:
             stats.arm_counts = {int(a): int(n) for a, n in zip(self.arms, arms)}
         return x
-
-    def _windows(self, t: Tensor, remaining: Tensor) -> Tensor:
-        if self._bandit is None:
-            return torch.full_like(remaining, self.window)
-        return self._bandit.select(time_bucket(t, self.buckets), limit=remaining).to(remaining.device)
 
     def _draft(self, x, v, ex, k, L, Lmax, jj, tab, drafter, draft) -> _Round:
         """y_{j+1} = m̂_j + ĉ_j·ε_{k+j} for j < L (per sample); step 0 is the target's own where ``ex``."""
