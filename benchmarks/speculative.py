@@ -129,6 +129,8 @@ def overhead(args):
         configs = [("sde", {}), ("euler", {}), ("ab2", {}), ("heun", dict(steps=args.steps // 2)),
                    ("sfm", dict(leap=4, tol=0.05)), ("fastflow", {})]
         configs += [("speculative", dict(drafter=d, window=w)) for d in args.drafters for w in args.windows]
+        if str(args.device).startswith("cuda"):  # the same round without CUDA graphs, for comparison
+            configs += [("speculative", dict(drafter=d, window=8, cuda_graphs=False)) for d in args.drafters]
         sde_wall = None
         with torch.no_grad():
             for name, opts in configs:

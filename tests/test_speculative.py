@@ -138,3 +138,17 @@ def test_transition_coefficients_match_transition_mean():
         a, b, c = transition_coefficients(t, s, eta)
         torch.testing.assert_close(a[:, None] * x + b[:, None] * v, transition_mean(x, t, s, v, eta))
         assert c.equal(transition_std(t, s, eta)) and c[1] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("options", [dict(drafter="frozen", window=8), dict(drafter="extrapolate", window=4),
+                                     dict(drafter="frozen", window="bandit")])
+def test_cuda_graphs_replay_the_eager_round_exactly(options):
+    gm = GaussianMixture.default(dim=16)
+    gm.means, gm.stds, gm.weights = gm.means.cuda(), gm.stds.cuda(), gm.weights.cuda()
+    x0 = torch.randn(256, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    runs = [build_sampler("speculative", steps=50, cuda_graphs=g, **options).sample(
+        gm, x0, generator=torch.Generator("cuda").manual_seed(3)) for g in (False, True)]
+    assert torch.equal(runs[0].samples, runs[1].samples)
+    assert [(r.stats.proposed, r.stats.accepted, r.stats.rounds, r.stats.sequential_nfe) for r in runs][0] == \
+        (runs[1].stats.proposed, runs[1].stats.accepted, runs[1].stats.rounds, runs[1].stats.sequential_nfe)

@@ -7,8 +7,9 @@ One small protocol serves the exact speculative sampler and the deterministic le
                                                            # (h: its trunk features if ``needs_features``)
     v_hat = d(y, s, rows, j, net)                          # draft velocity at drafted state y, time s,
                                                            # j-th step of the current window
-``rows`` maps each row of y to its sample; ``rows=None`` in ``__call__`` means every sample in order (the hot
-path of the speculative sampler: no gathers). ``memory``: how many of a sample's latest target evaluations
+``rows`` maps each row of y to its sample; ``rows=None`` in ``__call__`` means every sample in order, and a
+bool mask over all samples in ``observe`` means a row per sample of which the masked ones are taken (the
+hot path of the speculative sampler: no gathers, no host syncs, capturable in a CUDA graph). ``memory``: how many of a sample's latest target evaluations
 the drafter reads (frozen and medusa 1, extrapolate 2); a sampler may skip older ones within a round.
 Drafters work in x1_hat space (the predicted data changes slowly along the path, the velocity does not):
 v̂(y, s) = (x̂1(s) − y) / (1 − s). Drafted states are never at s = 1 (a velocity is read at a step's start).
@@ -53,7 +54,8 @@ class Drafter:
 
     def observe(self, rows: Tensor, x: Tensor, t: Tensor, v: Tensor, h: Tensor | None = None) -> None:
         t = t.to(x.dtype)
-        self.x1[rows], self.t[rows] = x1_hat(x, t, v), t
+        _put(self.x1, rows, x1_hat(x, t, v))
+        _put(self.t, rows, t)
 
     def predict_x1(self, s: Tensor, rows: Tensor | None) -> Tensor:
         raise NotImplementedError
@@ -64,8 +66,17 @@ class Drafter:
 
 
 def _take(a: Tensor, rows: Tensor | None) -> Tensor:
-    """Rows of a per-sample buffer; ``rows=None`` means every sample, in order (no gather)."""
-    return a if rows is None else a[rows]
+    """Rows of a per-sample buffer; ``rows=None`` (or a mask) means every sample, in order (no gather)."""
+    return a if rows is None or rows.dtype == torch.bool else a[rows]
+
+
+def _put(buf: Tensor, rows: Tensor, val: Tensor) -> None:
+    """buf[rows] = val, in place. ``rows`` is a LongTensor of samples, or a bool mask over all samples with
+    ``val`` holding a row per sample: a dense update without a host sync (the CUDA-graph path)."""
+    if rows.dtype == torch.bool:
+        buf.copy_(torch.where(rows.view(-1, *([1] * (buf.ndim - 1))), val, buf))
+    else:
+        buf[rows] = val
 
 
 @register_drafter
@@ -88,26 +99,21 @@ class Extrapolate(Drafter):
     def reset(self, like):
         super().reset(like)
         self.x1_prev, self.t_prev = self.x1.clone(), self.t.clone()
-        self._line = None  # (x̂1 − t·slope, slope) per sample, rebuilt lazily once after observations
+        self.intercept, self.slope = self.x1.clone(), self.x1.clone()  # x̂1(s) = intercept + s·slope
 
     def observe(self, rows, x, t, v, h=None):
-        self.x1_prev[rows], self.t_prev[rows] = self.x1[rows], self.t[rows]
+        _put(self.x1_prev, rows, _take(self.x1, rows))
+        _put(self.t_prev, rows, _take(self.t, rows))
         super().observe(rows, x, t, v)
-        self._line = None
-
-    def line(self) -> tuple[Tensor, Tensor]:
-        """x̂1(s) = intercept + s·slope per sample (slope 0 until two distinct observations exist)."""
-        if self._line is None:
-            dt = self.t - self.t_prev
-            ok = (self.t_prev >= 0) & (dt > 0)
-            inv = torch.where(ok, 1 / dt.clamp_min(torch.finfo(dt.dtype).tiny), 0.0)
-            slope = (self.x1 - self.x1_prev) * expand(inv, self.x1)
-            self._line = (torch.addcmul(self.x1, expand(self.t, slope), slope, value=-1), slope)
-        return self._line
+        dt = self.t - self.t_prev  # the line of every sample, rebuilt in place (slope 0 until two distinct
+        ok = (self.t_prev >= 0) & (dt > 0)  # observations exist)
+        inv = torch.where(ok, 1 / dt.clamp_min(torch.finfo(dt.dtype).tiny), 0.0)
+        torch.mul(self.x1 - self.x1_prev, expand(inv, self.x1), out=self.slope)
+        torch.addcmul(self.x1, expand(self.t, self.slope), self.slope, value=-1, out=self.intercept)
 
     def predict_x1(self, s, rows):
-        intercept, slope = (_take(a, rows) for a in self.line())
-        return torch.addcmul(intercept, expand(s, slope), slope)
+        slope = _take(self.slope, rows)
+        return torch.addcmul(_take(self.intercept, rows), expand(s, slope), slope)
 
 
 @register_drafter
@@ -148,7 +154,8 @@ class Medusa(Drafter):
         super().observe(rows, x, t, v)
         if self.h is None:
             self.h = h.new_zeros((self.x.shape[0], *h.shape[1:]))
-        self.x[rows], self.h[rows] = x, h
+        _put(self.x, rows, x)
+        _put(self.h, rows, h)
 
     def __call__(self, y, s, rows, j, net=None):
         s = s.to(y.dtype)

@@ -32,6 +32,7 @@ from specflow.sampling.bandit import POLICIES, Bandit, check_arms, time_bucket
 from specflow.sampling.base import Sampler, register
 from specflow.sampling.coupling import IsoGaussian, log_acceptance, reflect, residual_sample
 from specflow.sampling.drafters import DRAFTERS, make_drafter
+from specflow.sampling.graphs import Graphs
 from specflow.sampling.noise import NoiseTable
 
 
@@ -48,6 +49,7 @@ class _Round:
     eps_sq: Tensor  # (L, B) ‖ε_{k+j}‖²/2
     log_u: Tensor   # (L, B) log u_{k+j}
     last: Tensor = None  # (B,) the last j evaluated (L, or L − 1 when y_L is at t = 1; −1: none)
+    E: Tensor = None     # (L+1, B) bool: evaluated by this round's target call
     V: Tensor = None     # (L+1, B, ...) target velocities where evaluated (V[0] = the paid one where known)
     H: Tensor = None     # (L+1, B, ...) the target's trunk features where evaluated (drafters that read them)
     m: Tensor = None     # (L, B, ...) the target's means m_j (set by _verify)
@@ -64,6 +66,8 @@ class Speculative(Sampler):
         ``buckets``, by ``policy`` = "ucb1" | "thompson", seeded by ``seed``; the bandit learns across calls).
     draft_eta: None = the draft proposes with η (reflection coupling); else the draft's own η, whose
         transition has another covariance, coupled by the general maximal coupling.
+    cuda_graphs: on CUDA, replay the round's fixed-shape pieces as CUDA graphs (graphs.py) where the drafter
+        predicts x̂1 (frozen, extrapolate) and the coupling is reflection; same samples, fewer launches.
 
     Determinism: a seeded generator reproduces a batch exactly. With per-sample generators
     (``noise.per_sample_generators``) and a fixed window, a sample is the same alone or in any batch (the
@@ -80,6 +84,7 @@ class Speculative(Sampler):
     buckets: int = 4
     draft_eta: float | None = None
     seed: int = 0
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -117,12 +122,14 @@ class Speculative(Sampler):
             self._bandit.load_state_dict(state["bandit"])
 
     # ---------------------------------------------------------------------------------------------------
-    # The round below is written for GPU latency: every sample stays in the batch (finished ones with an
-    # empty window), tables are gathered once per round, and the only host syncs are the window length and
-    # the rows of the one target call. Time outside the model is measured by benchmarks/speculative.py.
+    # The round is written for GPU latency: every sample stays in the batch (finished ones with an empty
+    # window), tables are gathered once per round, and the host syncs only for the window length and the
+    # rows of the one target call. Around that call the round is two fixed-shape pieces, ``_propose``
+    # (draft) and ``_settle`` (verify, couple, observe, advance), that update the chain in place; on CUDA
+    # they are captured as CUDA graphs per window length (graphs.py). benchmarks/speculative.py measures
+    # the time outside the model.
     def _run(self, f, x, grid, draft, generator, stats):
         N, B, dev = self.steps, x.shape[0], x.device
-        x = x.clone()  # never write into the caller's noise
         noise = NoiseTable(N, x, generator, uniforms=True)  # ε_k, u_k per (grid step, sample)
         tab = dict(t=grid.to(x.dtype), P=_step_table(grid, self.eta, x.dtype), eps=noise.eps,
                    eps_sq=0.5 * _sqnorm(noise.eps), log_u=noise.u.log())
@@ -130,43 +137,69 @@ class Speculative(Sampler):
         keys = keyed.sample_keys(generator, B, x) if self.draft_eta is not None else None
         drafter = make_drafter(self.drafter)
         drafter.reset(x)
-        k = torch.zeros(B, dtype=torch.long, device=dev)  # each sample's grid index
-        known = torch.zeros(B, dtype=torch.bool, device=dev)  # target velocity at (x_k, t_k) paid for
-        v = torch.zeros_like(x)
-        jj = torch.arange(max(self.arms) if self._bandit is not None else self.window, device=dev) + 1
-        jj = torch.cat([jj.new_zeros(1), jj])[:, None]  # 0..Lmax, a column
-        proposed = accepted = torch.zeros((), dtype=torch.long, device=dev)
+        c = _Chain(x=x.clone(), v=torch.zeros_like(x), k=torch.zeros(B, dtype=torch.long, device=dev),
+                   known=torch.zeros(B, dtype=torch.bool, device=dev),
+                   W=torch.full((B,), self.window if self._bandit is None else 1, dtype=torch.long, device=dev))
+        jj = torch.arange((max(self.arms) if self._bandit is not None else self.window) + 1, device=dev)[:, None]
+        graphs = Graphs(enabled=self.cuda_graphs and x.is_cuda and drafter.predicts_x1 and self.draft_eta is None)
         arms = torch.zeros(len(self.arms), dtype=torch.long)
         grid_cpu = grid.cpu()
-        while int(k.min()) < N:
-            if self._bandit is None:
-                W = torch.full_like(k, self.window)
-            else:  # the bandit lives on the CPU: one copy of k down, one of the windows up
-                k_cpu = k.cpu()
+        while int(c.k.min()) < N:
+            if self._bandit is not None:  # the bandit lives on the CPU: one copy of k down, one of W up
+                k_cpu = c.k.cpu()
                 ctx = time_bucket(grid_cpu[k_cpu], self.buckets)
                 W_cpu = self._bandit.select(ctx, limit=N - k_cpu)
-                W = W_cpu.to(dev)
-            L = torch.minimum(W, N - k)  # 0 for finished samples
-            r = self._draft(x, v, known, k, L, int(L.max()), jj, tab, drafter, draft)
-            self._evaluate(f, r, known, v, k, L, jj)
-            a = self._verify(r, known, L, jj)  # leading accepted steps
-            x, rej = self._next_state(r, a, L, k, keys)
-            adv = torch.where(rej, a + 1, L)
-            self._observe(drafter, r, a, known)
-            proposed = proposed + (torch.minimum(a + 1, L) - known.long()).sum()
-            accepted = accepted + (a - known.long()).sum()
+                c.W.copy_(W_cpu)
+            torch.minimum(c.W, N - c.k, out=c.L)  # 0 for finished samples
+            Lmax = int(c.L.max())
+            r = graphs(("propose", Lmax), lambda: self._propose(c, Lmax, jj, tab, drafter, draft), group=Lmax)
+            self._evaluate(f, r, c)
+            graphs(("settle", Lmax), lambda: self._settle(c, r, jj, drafter, keys), group=Lmax)
             if self._bandit is not None:
                 fits = W_cpu <= N - k_cpu  # an arm clamped at the end of the grid (or a finished sample): no credit
-                self._bandit.update(ctx[fits], W_cpu[fits], adv.cpu()[fits].double())  # steps per target call
+                self._bandit.update(ctx[fits], W_cpu[fits], c.adv.cpu()[fits].double())  # steps per target call
                 arms += torch.bincount(self._bandit.index(W_cpu[k_cpu < N]), minlength=len(arms))
-            v = r.V[L, torch.arange(B, device=dev)]
-            k = k + adv
-            known = ~rej & (k < N)  # an all-accepted round evaluated y_L: it seeds the next
             stats.rounds += 1
-        stats.proposed, stats.accepted = int(proposed), int(accepted)
+        stats.proposed, stats.accepted = int(c.proposed), int(c.accepted)
         if self._bandit is not None:
             stats.arm_counts = {int(a): int(n) for a, n in zip(self.arms, arms)}
-        return x
+        return c.x
+
+    def _propose(self, c: "_Chain", Lmax: int, jj, tab, drafter, draft) -> _Round:
+        """The draft of this round and which of its states the target evaluates (fixed shapes, no sync)."""
+        r = self._draft(c.x, c.v, c.known, c.k, c.L, Lmax, jj, tab, drafter, draft)
+        r.last = torch.where(c.k + c.L < self.steps, c.L, c.L - 1)  # y_L at t = 1 is never evaluated
+        r.E = (jj[:Lmax + 1] >= c.known.long()) & (jj[:Lmax + 1] <= r.last)
+        r.V = torch.zeros_like(r.Y)
+        r.V[0] = c.v  # the paid velocity where known; the evaluation overwrites the other rows
+        return r
+
+    def _evaluate(self, f, r: _Round, c: "_Chain") -> None:
+        """The round's one target call: y_j for j in [known, last] of each sample, written into r.V."""
+        B = c.k.shape[0]
+        idx = r.E.flatten().nonzero().squeeze(1)
+        if idx.numel():  # none only when every sample takes its last step with a velocity already paid for
+            rows = None if f.cond is None else idx % B
+            vv = f(r.Y.flatten(0, 1)[idx], r.T.flatten()[idx], rows, step=_Steps(c.k, c.k + r.last))
+            r.V.flatten(0, 1).index_copy_(0, idx, vv)
+            h = f.features if self.needs_features else None
+            if h is not None:
+                r.H = h.new_zeros((r.Y.shape[0] * B, *h.shape[1:]))
+                r.H.index_copy_(0, idx, h)
+                r.H = r.H.view(r.Y.shape[0], B, *h.shape[1:])
+
+    def _settle(self, c: "_Chain", r: _Round, jj, drafter, keys) -> None:
+        """Accept, couple, show the drafter the new target evaluations and advance the chain, in place."""
+        a = self._verify(r, c.known, c.L, jj)  # leading accepted steps
+        x, rej = self._next_state(r, a, c.L, c.k, keys)
+        self._observe(drafter, r, a, c.known)
+        c.proposed += (torch.minimum(a + 1, c.L) - c.known.long()).sum()
+        c.accepted += (a - c.known.long()).sum()
+        torch.where(rej, a + 1, c.L, out=c.adv)
+        c.x.copy_(x)
+        c.v.copy_(r.V[c.L, torch.arange(c.L.shape[0], device=c.L.device)])
+        c.k += c.adv
+        torch.logical_and(~rej, c.k < self.steps, out=c.known)  # an all-accepted round evaluated y_L: it seeds the next
 
     def _draft(self, x, v, ex, k, L, Lmax, jj, tab, drafter, draft) -> _Round:
         """y_{j+1} = m̂_j + ĉ_j·ε_{k+j} for j < L (per sample); step 0 is the target's own where ``ex``."""
@@ -202,24 +235,6 @@ class Speculative(Sampler):
             torch.addcmul(ce[j], a_q[j], y, out=r.Y[j + 1])
             r.Y[j + 1].addcmul_(b_q[j], v_hat)
         return r
-
-    def _evaluate(self, f, r: _Round, ex, v, k, L, jj) -> None:
-        """The round's one target call: y_j for j in [ex, last] of each sample (not y_L at t = 1)."""
-        B = k.shape[0]
-        r.last = torch.where(k + L < self.steps, L, L - 1)
-        E = (jj[:r.Y.shape[0]] >= ex.long()) & (jj[:r.Y.shape[0]] <= r.last)
-        idx = E.flatten().nonzero().squeeze(1)
-        r.V = torch.zeros_like(r.Y)
-        r.V[0] = v  # where known; overwritten by the evaluation elsewhere
-        if idx.numel():  # none only when every sample takes its last step with a velocity already paid for
-            rows = None if f.cond is None else idx % B
-            vv = f(r.Y.flatten(0, 1)[idx], r.T.flatten()[idx], rows, step=_Steps(k, k + r.last))
-            r.V.flatten(0, 1).index_copy_(0, idx, vv)
-            h = f.features if self.needs_features else None
-            if h is not None:
-                r.H = h.new_zeros((r.Y.shape[0] * B, *h.shape[1:]))
-                r.H.index_copy_(0, idx, h)
-                r.H = r.H.view(r.Y.shape[0], B, *h.shape[1:])
 
     def _verify(self, r: _Round, ex, L, jj) -> Tensor:
         """Leading accepted steps a ∈ [0, L] per sample: u_{k+j} < min(1, p_j(y_{j+1}) / q_j(y_{j+1}))."""
@@ -260,16 +275,35 @@ class Speculative(Sampler):
 
     def _observe(self, drafter, r: _Round, a, ex) -> None:
         """Feed the drafter the target evaluations at chain states (y_j, ex ≤ j ≤ min(a, last)), in order of
-        time: the last ``drafter.memory`` of them per sample. Never a discarded draft's, so no proposal sees
-        its own step's noise."""
+        time: the last ``drafter.memory`` of them per sample, as dense masked updates (no sync). Never a
+        discarded draft's, so no proposal sees its own step's noise."""
+        if self.needs_features and r.H is None:  # no target call this round: nothing to observe
+            return
         lo, hi = ex.long(), torch.minimum(a, r.last)  # each sample's evaluated chain states: lo..hi
+        ar = torch.arange(a.shape[0], device=a.device)
         for m in reversed(range(drafter.memory)):
-            j = hi - m
-            pos = (j >= lo).nonzero().squeeze(1)
-            if pos.numel():
-                j = j[pos]
-                h = () if r.H is None else (r.H[j, pos],)
-                drafter.observe(pos, r.Y[j, pos], r.T[j, pos], r.V[j, pos], *h)
+            j = (hi - m).clamp(min=0)
+            h = () if r.H is None else (r.H[j, ar],)
+            drafter.observe(hi - m >= lo, r.Y[j, ar], r.T[j, ar], r.V[j, ar], *h)
+
+
+@dataclasses.dataclass
+class _Chain:
+    """Each sample's place in the chain, updated in place round after round (CUDA graphs read these)."""
+
+    x: Tensor      # (B, ...) state x_k
+    v: Tensor      # (B, ...) target velocity at (x_k, t_k) where ``known``
+    k: Tensor      # (B,) grid index
+    known: Tensor  # (B,) bool: v was paid for (the last round accepted all its steps)
+    W: Tensor      # (B,) window asked for
+    L: Tensor = None    # (B,) window this round: min(W, N − k)
+    adv: Tensor = None  # (B,) steps advanced this round
+    proposed: Tensor = None  # () counts of draft steps over the run
+    accepted: Tensor = None
+
+    def __post_init__(self):
+        self.L, self.adv = torch.zeros_like(self.k), torch.zeros_like(self.k)
+        self.proposed, self.accepted = self.k.new_zeros(()), self.k.new_zeros(())
 
 
 def _step_table(grid: Tensor, eta: float, dtype) -> Tensor:
