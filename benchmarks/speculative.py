@@ -131,6 +131,9 @@ def overhead(args):
         configs += [("speculative", dict(drafter=d, window=w)) for d in args.drafters for w in args.windows]
         if str(args.device).startswith("cuda"):  # the same round without CUDA graphs, for comparison
             configs += [("speculative", dict(drafter=d, window=8, cuda_graphs=False)) for d in args.drafters]
+        if args.row_bucket:
+            configs += [("speculative", dict(drafter=d, window=w, row_bucket=args.row_bucket))
+                        for d in args.drafters for w in args.windows]
         sde_wall = None
         with torch.no_grad():
             for name, opts in configs:
@@ -174,6 +177,7 @@ def main():
     ap.add_argument("--overhead", action="store_true", help="time outside the model instead of the toy table")
     ap.add_argument("--model", default="unet+toy", help="model for --overhead: unet | unet+toy (see make_model)")
     ap.add_argument("--batch", type=int, nargs="+", default=[64])
+    ap.add_argument("--row-bucket", type=int, default=0, help="--overhead: also run speculative with this row_bucket")
     ap.add_argument("--repeats", type=int, default=3, help="--overhead: timed runs per sampler (the best is shown)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = ap.parse_args()

@@ -152,3 +152,16 @@ def test_cuda_graphs_replay_the_eager_round_exactly(options):
     assert torch.equal(runs[0].samples, runs[1].samples)
     assert [(r.stats.proposed, r.stats.accepted, r.stats.rounds, r.stats.sequential_nfe) for r in runs][0] == \
         (runs[1].stats.proposed, runs[1].stats.accepted, runs[1].stats.rounds, runs[1].stats.sequential_nfe)
+
+
+def test_row_bucket_pads_the_target_call_and_counts_the_padding():
+    gm = GaussianMixture.default(dim=3)
+    x0 = torch.randn(10, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    calls = []
+    model = lambda x, t, cond=None: calls.append(x.shape[0]) or gm(x, t)  # noqa: E731
+    runs = [build_sampler("speculative", steps=20, window=4, row_bucket=b).sample(
+        model, x0, generator=torch.Generator().manual_seed(1)) for b in (0, 16)]
+    sizes, padded = calls[:runs[0].stats.sequential_nfe], calls[runs[0].stats.sequential_nfe:]
+    assert all(n % 16 == 0 for n in padded) and any(n % 16 for n in sizes)
+    torch.testing.assert_close(runs[0].samples, runs[1].samples, rtol=0, atol=0)  # padding changes nothing else
+    assert runs[1].stats.total_nfe == sum(padded) / 10 > runs[0].stats.total_nfe == sum(sizes) / 10

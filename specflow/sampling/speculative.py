@@ -68,6 +68,9 @@ class Speculative(Sampler):
         transition has another covariance, coupled by the general maximal coupling.
     cuda_graphs: on CUDA, replay the round's fixed-shape pieces as CUDA graphs (graphs.py) where the drafter
         predicts x̂1 (frozen, extrapolate) and the coupling is reflection; same samples, fewer launches.
+    row_bucket: pad each target call to a multiple of this many rows (repeating one row; the padding is
+        paid for, so it counts in total_nfe). 0: no padding. Ragged calls have a new row count almost every
+        round, and conv libraries (cuDNN) plan per shape; a bucket keeps the shapes few.
 
     Determinism: a seeded generator reproduces a batch exactly. With per-sample generators
     (``noise.per_sample_generators``) and a fixed window, a sample is the same alone or in any batch (the
@@ -85,6 +88,7 @@ class Speculative(Sampler):
     draft_eta: float | None = None
     seed: int = 0
     cuda_graphs: bool = True
+    row_bucket: int = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -99,6 +103,8 @@ class Speculative(Sampler):
                                         or self.window < 1):
             raise ValueError(f"window must be an integer >= 1 or 'bandit', got {self.window!r}")
         self.arms = check_arms(self.arms)
+        if not isinstance(self.row_bucket, int) or isinstance(self.row_bucket, bool) or self.row_bucket < 0:
+            raise ValueError(f"row_bucket must be an integer >= 0 (0: no padding), got {self.row_bucket!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown bandit policy {self.policy!r}; valid: {', '.join(POLICIES)}")
         self._bandit = (Bandit(self.arms, self.buckets, self.policy, self.seed)
@@ -144,7 +150,7 @@ class Speculative(Sampler):
         graphs = Graphs(enabled=self.cuda_graphs and x.is_cuda and drafter.predicts_x1 and self.draft_eta is None)
         arms = torch.zeros(len(self.arms), dtype=torch.long)
         grid_cpu = grid.cpu()
-        while int(c.k.min()) < N:
+        while True:
             if self._bandit is not None:  # the bandit lives on the CPU: one copy of k down, one of W up
                 k_cpu = c.k.cpu()
                 ctx = time_bucket(grid_cpu[k_cpu], self.buckets)
@@ -152,6 +158,8 @@ class Speculative(Sampler):
                 c.W.copy_(W_cpu)
             torch.minimum(c.W, N - c.k, out=c.L)  # 0 for finished samples
             Lmax = int(c.L.max())
+            if Lmax == 0:  # every sample is at t = 1
+                break
             r = graphs(("propose", Lmax), lambda: self._propose(c, Lmax, jj, tab, drafter, draft), group=Lmax)
             self._evaluate(f, r, c)
             graphs(("settle", Lmax), lambda: self._settle(c, r, jj, drafter, keys), group=Lmax)
@@ -178,14 +186,17 @@ class Speculative(Sampler):
         """The round's one target call: y_j for j in [known, last] of each sample, written into r.V."""
         B = c.k.shape[0]
         idx = r.E.flatten().nonzero().squeeze(1)
-        if idx.numel():  # none only when every sample takes its last step with a velocity already paid for
+        n = idx.numel()
+        if n:  # none only when every sample takes its last step with a velocity already paid for
+            if self.row_bucket and n % self.row_bucket:  # repeat a row up to the bucket: few distinct shapes
+                idx = torch.cat([idx, idx[:1].expand(self.row_bucket - n % self.row_bucket)])
             rows = None if f.cond is None else idx % B
             vv = f(r.Y.flatten(0, 1)[idx], r.T.flatten()[idx], rows, step=_Steps(c.k, c.k + r.last))
-            r.V.flatten(0, 1).index_copy_(0, idx, vv)
+            r.V.flatten(0, 1).index_copy_(0, idx[:n], vv[:n])
             h = f.features if self.needs_features else None
             if h is not None:
                 r.H = h.new_zeros((r.Y.shape[0] * B, *h.shape[1:]))
-                r.H.index_copy_(0, idx, h)
+                r.H.index_copy_(0, idx[:n], h[:n])
                 r.H = r.H.view(r.Y.shape[0], B, *h.shape[1:])
 
     def _settle(self, c: "_Chain", r: _Round, jj, drafter, keys) -> None:
