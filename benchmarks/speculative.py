@@ -11,9 +11,6 @@ Toy table columns (one run each, same N and η as sde):
 Overhead mode (plain solvers, sfm, fastflow and speculative on one model, N = --steps; heun gets N/2 steps,
 i.e. the same N target calls): ``outside`` = wall time minus the time inside model calls (synchronised on
 CUDA before and after each call, so it is an upper bound on what the sampler adds), as a share of wall.
-``outside*`` measures without perturbing the run: ``free`` is the wall time with no syncs around the calls,
-``alone`` the model by itself replayed back to back on the recorded call shapes (fresh random inputs), and
-outside* = 1 − alone / free: what a free sampler would save.
 """
 from __future__ import annotations
 
@@ -127,7 +124,7 @@ def overhead(args):
         print(f"\nsampler overhead: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
               f"batch {batch}, N = {args.steps}, device {_device_name(args.device)}")
         print(f"{'sampler':>12} {'options':>32} {'seq/N':>6} {'total/N':>8} {'rounds':>6} {'wall s':>7} "
-              f"{'model s':>8} {'outside':>8} {'wall×sde':>8} {'free s':>7} {'alone s':>8} {'outside*':>9}")
+              f"{'model s':>8} {'outside':>8} {'wall×sde':>8}")
         noise = torch.randn(batch, *shape, device=args.device, generator=torch.Generator(args.device).manual_seed(0))
         configs = [("sde", {}), ("euler", {}), ("ab2", {}), ("heun", dict(steps=args.steps // 2)),
                    ("sfm", dict(leap=4, tol=0.05)), ("fastflow", {})]
@@ -153,42 +150,13 @@ def overhead(args):
                     if best is None or st.wall_time_s - timed.seconds < best[0].wall_time_s - best[1]:
                         best = (st, timed.seconds)
                 st, inside = best
-                # Unperturbed: the same run with no syncs around the calls, against the model alone replayed
-                # back to back on the recorded call shapes.
-                rec = Recorder(model)
-                free = min(s.sample(rec, noise, generator=gen(0)).stats.wall_time_s for _ in range(args.repeats))
-                alone = min(rec.replay(args.device) for _ in range(args.repeats))
                 sde_wall = st.wall_time_s if name == "sde" else sde_wall
                 shown = ", ".join(f"{k}={v}" for k, v in opts.items() if k not in ("steps", "eta")) or "-"
                 if name == "heun":
                     shown = f"{opts['steps']} steps"
                 print(f"{name:>12} {shown:>32} {st.sequential_nfe / args.steps:6.2f} "
                       f"{st.total_nfe / args.steps:8.2f} {st.rounds:6d} {st.wall_time_s:7.3f} {inside:8.3f} "
-                      f"{100 * (1 - inside / st.wall_time_s):7.1f}% {st.wall_time_s / sde_wall:8.2f} "
-                      f"{free:7.3f} {alone:8.3f} {100 * (1 - alone / free):8.1f}%")
-
-
-class Recorder:
-    """Wraps a model without synchronising; ``replay`` times the model alone on the recorded call shapes."""
-
-    def __init__(self, f):
-        self.f, self.calls = f, []
-
-    def __call__(self, x, t, cond=None):
-        self.calls.append((x.shape, x.dtype))
-        return self.f(x, t) if cond is None else self.f(x, t, cond)
-
-    def replay(self, device) -> float:
-        g = torch.Generator(device).manual_seed(0)
-        inputs = [(torch.randn(sh, dtype=dt, device=device, generator=g),
-                   torch.rand(sh[0], dtype=dt, device=device, generator=g)) for sh, dt in self.calls[-len(self.calls):]]
-        sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
-        for x, t in inputs:
-            self.f(x, t)
-        sync()
-        return time.perf_counter() - t0
+                      f"{100 * (1 - inside / st.wall_time_s):7.1f}% {st.wall_time_s / sde_wall:8.2f}")
 
 
 def _device_name(device: str) -> str:
