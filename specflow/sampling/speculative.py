@@ -191,7 +191,7 @@ class Speculative(Sampler):
             if self.row_bucket and n % self.row_bucket:  # repeat a row up to the bucket: few distinct shapes
                 idx = torch.cat([idx, idx[:1].expand(self.row_bucket - n % self.row_bucket)])
             rows = None if f.cond is None else idx % B
-            vv = f(r.Y.flatten(0, 1)[idx], r.T.flatten()[idx], rows, step=_Steps(c.k, c.k + r.last))
+            vv = f(r.Y.flatten(0, 1)[idx], r.T.flatten()[idx], rows, step=_Steps(c.k, c.k + r.last, c.L > 0))
             r.V.flatten(0, 1).index_copy_(0, idx[:n], vv[:n])
             h = f.features if self.needs_features else None
             if h is not None:
@@ -346,9 +346,9 @@ def _keyed_draw(keys: Tensor, steps: Tensor, like: Tensor):
 class _Steps:
     """The grid steps of a ragged call, formatted only if an error message needs them (no device sync)."""
 
-    def __init__(self, lo: Tensor, hi: Tensor):
-        self.lo, self.hi = lo, hi
+    def __init__(self, lo: Tensor, hi: Tensor, live: Tensor):
+        self.lo, self.hi, self.live = lo, hi, live
 
     def __str__(self) -> str:
-        lo, hi = int(self.lo.min()), int(self.hi.max())
+        lo, hi = int(self.lo[self.live].min()), int(self.hi[self.live].max())
         return str(lo) if lo == hi else f"{lo}..{hi}"
