@@ -7,7 +7,7 @@ Each sample sits at its own grid index k (ragged). One round, for all active sam
           (step 0 uses the target's velocity when the previous round already paid for it: m̂_0 = m_0)
   verify  ONE batched target call at every new state y_j of every active sample (y_L included, unless it is
           t = 1, so that an all-accepted round seeds the next one) → m_j
-  accept  step j while  u_{k+j} ≤ min(1, N(y_{j+1}; m_j, c_j²) / N(y_{j+1}; m̂_j, ĉ_j²))
+  accept  step j while  u_{k+j} < min(1, N(y_{j+1}; m_j, c_j²) / N(y_{j+1}; m̂_j, ĉ_j²))
   couple  at the first rejection j: x_{k+j+1} = reflection coupling (ĉ = c) or a residual draw (ĉ ≠ c,
           ``draft_eta``); the round ends. At c = 0 (the step to t = 1) only an exact match is accepted,
           otherwise x = m_j.
@@ -129,8 +129,8 @@ class Speculative(Sampler):
 
     # ---------------------------------------------------------------------------------------------------
     # The round is written for GPU latency: every sample stays in the batch (finished ones with an empty
-    # window), tables are gathered once per round, and the host syncs only for the window length and the
-    # rows of the one target call. Around that call the round is two fixed-shape pieces, ``_propose``
+    # window), tables are gathered once per round, and the host syncs only for the window length, the
+    # rows of the one target call and its NaN check. Around that call the round is two fixed-shape pieces, ``_propose``
     # (draft) and ``_settle`` (verify, couple, observe, advance), that update the chain in place; on CUDA
     # they are captured as CUDA graphs per window length (graphs.py). benchmarks/speculative.py measures
     # the time outside the model.
