@@ -57,6 +57,21 @@ def _norm(x: Tensor) -> Tensor:
     return x.flatten(1).norm(dim=1)
 
 
+def _col(c: Tensor, like: Tensor) -> Tensor:
+    """Per-sample values viewed to broadcast against (B, ...) states."""
+    return c.view(-1, *([1] * (like.ndim - 1)))
+
+
+class _FirstStep:
+    """The first grid step of a ragged call, formatted only if an error message needs it (no device sync)."""
+
+    def __init__(self, k: Tensor, rows: Tensor):
+        self.k, self.rows = k, rows
+
+    def __str__(self) -> str:
+        return str(int(self.k[self.rows].min()))
+
+
 @register
 @dataclasses.dataclass
 class SFM(Sampler):
@@ -105,73 +120,85 @@ class SFM(Sampler):
         """Leap lengths for samples at times t with at most ``cap`` steps; the bandit contexts and which rows
         play the bandit's own choice (not clamped by the cap), or None without a bandit."""
         if self.bandit is None:
-            return torch.minimum(torch.full_like(cap, self.leap), cap), None, None
+            return cap.clamp(max=self.leap), None, None
         ctx = time_bucket(t, self.buckets)
         chosen = self.bandit.select(ctx, limit=cap).to(cap.device)
         return torch.minimum(chosen, cap), ctx, chosen <= cap
 
-    def _leap(self, drafter, net, x: Tensor, v: Tensor, k: Tensor, L: Tensor, grid: Tensor, rows: Tensor):
-        """y_L from y_0 = x with v̂_0 = v (real) and drafter velocities after; ragged L per row."""
-        h = lambda kk, y: expand((grid[kk + 1] - grid[kk]).to(y.dtype), y)  # noqa: E731
-        y = x + h(k, x) * v  # j = 0: an exact Euler step
-        for j in range(1, int(L.max())):
-            m = L > j
-            v_hat = drafter(y[m], grid[k[m] + j], rows[m], j, net)
-            y[m] = y[m] + h(k[m] + j, v_hat) * v_hat  # drafted Euler step
+    @staticmethod
+    def _leap(drafter, net, x: Tensor, v: Tensor, k: Tensor, L: Tensor, t: Tensor, h: Tensor, Lmax: int):
+        """y_L from y_0 = x with v̂_0 = v (real) and drafter velocities after, for every row of x (sample b
+        is row b); a row with a shorter leap keeps its end point. ``t``, ``h``: grid times and step sizes in
+        x's dtype. Cheap drafters draft every row (no gathers, no syncs); networks only the leaping rows."""
+        N = h.shape[0]
+        y = x + _col(h[k.clamp(max=N - 1)], x) * v  # j = 0: an exact Euler step
+        for j in range(1, Lmax):
+            kj, m = (k + j).clamp(max=N - 1), L > j
+            if drafter.needs_network:
+                pos = m.nonzero().squeeze(1)
+                if pos.numel():
+                    y[pos] = y[pos] + _col(h[kj[pos]], x) * drafter(y[pos], t[kj[pos]], pos, j, net)
+            else:
+                y = torch.where(_col(m, x), y + _col(h[kj], x) * drafter(y, t[kj], None, j, net), y)
         return y
 
     def _run(self, f, x, grid, draft, generator, stats):
-        N, B = self.steps, x.shape[0]
+        N, B, dev = self.steps, x.shape[0], x.device
+        t, h = grid.to(x.dtype), grid.diff().to(x.dtype)
         drafter = make_drafter(self.drafter)
         drafter.reset(x)
-        k = torch.zeros(B, dtype=torch.long, device=x.device)
-        retry = torch.zeros(B, dtype=torch.bool, device=x.device)  # a rejected leap retries with L = 1
-        all_rows = torch.arange(B, device=x.device)
-        v = f(x, grid[0], step=0)  # v_0: the one call every sampler pays
-        drafter.observe(all_rows, x, grid[0].expand(B), v, f.features)
-        x = x.clone()
+        k = torch.zeros(B, dtype=torch.long, device=dev)
+        retry = torch.zeros(B, dtype=torch.bool, device=dev)  # a rejected leap retries with L = 1
+        v = f(x, t[0], step=0)  # v_0: the one call every sampler pays
+        drafter.observe(torch.arange(B, device=dev), x, t[0].expand(B), v, f.features)
+        Lmax = self.leap if self.bandit is None else max(self.arms)
+        arms = torch.zeros(Lmax + 1, dtype=torch.long, device=dev)
+        proposed = accepted = torch.zeros((), dtype=torch.long, device=dev)
         while True:
             last = k == N - 1  # final step to t = 1: Euler with the paid v_{N-1}, no evaluation at t = 1
-            x[last] = x[last] + (grid[N] - grid[N - 1]).to(x.dtype) * v[last]
-            k[last] = N
-            rows = (k < N).nonzero().squeeze(1)
+            x = torch.where(_col(last, x), x + h[N - 1] * v, x)
+            k = torch.where(last, N, k)
+            rows = (k < N).nonzero().squeeze(1)  # the round's host sync (besides the call's NaN check)
             if rows.numel() == 0:
-                return x
-            kr = k[rows]
-            L, ctx, own = self._choose(grid[kr], cap=N - 1 - kr)
-            forced = retry[rows]
-            L = torch.where(forced, torch.ones_like(L), L)
-            y = self._leap(drafter, draft, x[rows], v[rows], kr, L, grid, rows)
-            s = grid[kr + L]
-            v_s = f(y, s, rows=rows, step=int(kr.min()))  # the one target call of this round
+                break
+            L, ctx, own = self._choose(t[k], cap=(N - 1 - k).clamp(min=1))
+            L = torch.where(retry, 1, L)
+            y = self._leap(drafter, draft, x, v, k, L, t, h, Lmax)
+            s = t[(k + L).clamp(max=N)]
+            ya, sa, La = y[rows], s[rows], L[rows]
+            v_s = f(ya, sa, rows=rows, step=_FirstStep(k, rows))  # the one target call of this round
             h_s = f.features  # its trunk features (None unless the drafter reads them)
-            ok = self._accept(drafter, draft, y, s, v_s, rows, L, stats)
-            x_new, v_new = self._commit(x[rows], v[rows], y, v_s, grid[kr], s)
-            acc = rows[ok]
-            x[acc], v[acc], k[acc] = x_new[ok], v_new[ok], kr[ok] + L[ok]
-            drafter.observe(acc, y[ok], s[ok], v_s[ok], None if h_s is None else h_s[ok])  # the target at x̃
-            retry[rows] = ~ok
-            stats.rounds += 1
-            for a, c in zip(*torch.unique(L, return_counts=True)):
-                stats.arm_counts[int(a)] = stats.arm_counts.get(int(a), 0) + int(c)
+            ok = self._accept(drafter, draft, ya, sa, v_s, rows, La, Lmax)
+            proposed = proposed + (La > 1).sum()
+            accepted = accepted + (ok & (La > 1)).sum()
+            x_new, v_new = self._commit(x[rows], v[rows], ya, v_s, t[k[rows]], sa)
+            acc = torch.zeros_like(retry).index_copy_(0, rows, ok)
+            x = torch.where(_col(acc, x), x.index_copy(0, rows, x_new), x)
+            v = torch.where(_col(acc, x), v.index_copy(0, rows, v_new), v)
+            k = torch.where(acc, k + L, k)
+            features = () if h_s is None else (h_s.new_zeros((B, *h_s.shape[1:])).index_copy_(0, rows, h_s),)
+            drafter.observe(acc, y, s, torch.zeros_like(x).index_copy_(0, rows, v_s), *features)  # target at x̃
             if ctx is not None:  # credit the bandit's own decisions only (not retries, not capped ones)
-                mine = own & ~forced
-                reward = torch.where(ok, L.to(torch.float64), torch.full_like(L, 1, dtype=torch.float64) / 2)
-                self.bandit.update(ctx[mine], L[mine], reward[mine])
+                mine = (own & ~retry)[rows]
+                reward = torch.where(ok, La.to(torch.float64), 0.5)
+                self.bandit.update(ctx[rows][mine], La[mine], reward[mine])
+            retry = torch.zeros_like(retry).index_copy_(0, rows, ~ok)
+            arms += torch.bincount(La, minlength=Lmax + 1)
+            stats.rounds += 1
+        stats.proposed += int(proposed)
+        stats.accepted += int(accepted)
+        for a, n in enumerate(arms.tolist()):
+            if n:
+                stats.arm_counts[a] = stats.arm_counts.get(a, 0) + n
+        return x
 
-    def _accept(self, drafter, net, y, s, v_s, rows, L, stats) -> Tensor:
+    def _accept(self, drafter, net, y, s, v_s, rows, L, j) -> Tensor:
         """δ ≤ tol per row; L = 1 rows are exact Euler steps and always accepted."""
-        ok = torch.ones_like(L, dtype=torch.bool)
-        for l in torch.unique(L[L > 1]).tolist():  # grouped by L: the drafter's step index j = L
-            m = L == l
-            s_m = s[m].to(y.dtype)
-            x1_t = x1_hat(y[m], s_m, v_s[m])
-            x1_d = x1_hat(y[m], s_m, drafter(y[m], s[m], rows[m], l, net))
-            delta = _norm(x1_d - x1_t) / _norm(x1_t).clamp_min(torch.finfo(y.dtype).tiny)
-            ok[m] = delta <= self.tol
-            stats.proposed += int(m.sum())
-            stats.accepted += int((delta <= self.tol).sum())
-        return ok
+        s = s.to(y.dtype)
+        x1_t = x1_hat(y, s, v_s)
+        x1_d = x1_hat(y, s, drafter(y, s, rows, j, net))
+        delta = _norm(x1_d - x1_t) / _norm(x1_t).clamp_min(torch.finfo(y.dtype).tiny)
+        return (L == 1) | (delta <= self.tol)
 
     def _commit(self, x, v, y, v_s, t, s):
         """State and velocity an accepted leap leaves: sfm keeps (x̃, v(x̃, s))."""
@@ -212,17 +239,18 @@ class RCA(SFM):
         drafter = make_drafter(self.drafter)
         drafter.reset(x)
         rows = torch.arange(B, device=x.device)
-        v = f(x, grid[0], step=0)
-        drafter.observe(rows, x, grid[0].expand(B), v, f.features)
+        t, h = grid.to(x.dtype), grid.diff().to(x.dtype)
+        v = f(x, t[0], step=0)
+        drafter.observe(rows, x, t[0].expand(B), v, f.features)
         k = 0
         while k < N:  # all samples move together: no check, so nothing makes them ragged
             L = min(self.leap, N - k)
             y = self._leap(drafter, draft, x, v, torch.full((B,), k, device=x.device),
-                           torch.full((B,), L, device=x.device), grid, rows)
-            v_s = f(y, grid[k + L], step=k)  # target at the leap's end
+                           torch.full((B,), L, device=x.device), t, h, L)
+            v_s = f(y, t[k + L], step=k)  # target at the leap's end
             x = x + (grid[k + L] - grid[k]).to(x.dtype) * (v + v_s) / 2  # trapezoid correction
             v = v_s  # reused at the corrected state: the lossy part
-            drafter.observe(rows, y, grid[k + L].expand(B), v_s, f.features)
+            drafter.observe(rows, y, t[k + L].expand(B), v_s, f.features)
             stats.rounds += 1
             stats.arm_counts[L] = stats.arm_counts.get(L, 0) + 1
             k += L
