@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "expand", "interpolate", "conditional_velocity", "x1_hat", "x0_hat", "score",
+    "expand", "per_sample", "interpolate", "conditional_velocity", "x1_hat", "x0_hat", "score",
     "time_grid", "transition_std", "transition_mean", "transition_coefficients", "ancestral_step",
 ]
 
@@ -25,6 +25,12 @@ def expand(t: Tensor | float, x: Tensor) -> Tensor:
     if t.ndim != 1 or t.shape[0] != x.shape[0]:
         raise ValueError(f"t must be a scalar or shaped (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
     return t.view(-1, *([1] * (x.ndim - 1)))
+
+
+def per_sample(c: Tensor, x: Tensor) -> Tensor:
+    """Per-sample values (any leading shape, e.g. (B,) or (L, B)) viewed to broadcast against states shaped
+    like ``x`` (B, ...). Unlike ``expand``, no conversion: bool masks stay masks, dtypes stay."""
+    return c.view(*c.shape, *([1] * (x.ndim - 1)))
 
 
 def interpolate(x0: Tensor, x1: Tensor, t: Tensor | float) -> Tensor:

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from specflow.path import per_sample
+
 
 @dataclass
 class IsoGaussian:
@@ -82,10 +84,10 @@ def log_acceptance(y: Tensor, p: IsoGaussian, q: IsoGaussian) -> Tensor:
 def reflect(m_hat: Tensor, m: Tensor, c: Tensor, eps: Tensor) -> Tensor:
     """m + c·(ε − 2(e·ε)e), e = (m̂ − m)/‖m̂ − m‖ per row (c = 0 gives m), as m + c·ε − 2c·(d·ε)/‖d‖²·d."""
     d = (m_hat - m).flatten(1)
-    shape = (-1, *([1] * (m.ndim - 1)))
     # m̂ = m is always accepted, so its (zero) mirror term is never used: the clamp only avoids 0/0.
-    k = (2 * c) * torch.linalg.vecdot(d, eps.flatten(1)) / torch.linalg.vecdot(d, d).clamp_min(torch.finfo(d.dtype).tiny)
-    return torch.addcmul(m, c.view(shape), eps).addcmul_(k.view(shape), d.view_as(m), value=-1)
+    dd = torch.linalg.vecdot(d, d).clamp_min(torch.finfo(d.dtype).tiny)
+    k = (2 * c) * torch.linalg.vecdot(d, eps.flatten(1)) / dd
+    return torch.addcmul(m, per_sample(c, m), eps).addcmul_(per_sample(k, m), d.view_as(m), value=-1)
 
 
 def reflection_coupling(m_hat: Tensor, m: Tensor, c: Tensor, eps: Tensor, u: Tensor) -> Coupled:
@@ -93,7 +95,7 @@ def reflection_coupling(m_hat: Tensor, m: Tensor, c: Tensor, eps: Tensor, u: Ten
     q, p = IsoGaussian(m_hat, c), IsoGaussian(m, c)
     y = q.sample(eps)
     acc = u.log() <= log_acceptance(y, p, q)
-    x = torch.where(acc.view(-1, *([1] * (y.ndim - 1))), y, reflect(m_hat, m, c, eps))
+    x = torch.where(per_sample(acc, y), y, reflect(m_hat, m, c, eps))
     return Coupled(x, acc)
 
 

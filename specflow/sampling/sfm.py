@@ -47,29 +47,15 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from specflow.path import expand, x1_hat
+from specflow.path import per_sample, x1_hat
 from specflow.sampling.bandit import POLICIES, Bandit, check_arms, time_bucket
 from specflow.sampling.base import Sampler, register
 from specflow.sampling.drafters import DRAFTERS, make_drafter
+from specflow.sampling.stats import Steps
 
 
 def _norm(x: Tensor) -> Tensor:
     return x.flatten(1).norm(dim=1)
-
-
-def _col(c: Tensor, like: Tensor) -> Tensor:
-    """Per-sample values viewed to broadcast against (B, ...) states."""
-    return c.view(-1, *([1] * (like.ndim - 1)))
-
-
-class _FirstStep:
-    """The first grid step of a ragged call, formatted only if an error message needs it (no device sync)."""
-
-    def __init__(self, k: Tensor, rows: Tensor):
-        self.k, self.rows = k, rows
-
-    def __str__(self) -> str:
-        return str(int(self.k[self.rows].min()))
 
 
 @register
@@ -131,15 +117,15 @@ class SFM(Sampler):
         is row b); a row with a shorter leap keeps its end point. ``t``, ``h``: grid times and step sizes in
         x's dtype. Cheap drafters draft every row (no gathers, no syncs); networks only the leaping rows."""
         N = h.shape[0]
-        y = x + _col(h[k.clamp(max=N - 1)], x) * v  # j = 0: an exact Euler step
+        y = x + per_sample(h[k.clamp(max=N - 1)], x) * v  # j = 0: an exact Euler step
         for j in range(1, Lmax):
             kj, m = (k + j).clamp(max=N - 1), L > j
             if drafter.needs_network:
                 pos = m.nonzero().squeeze(1)
                 if pos.numel():
-                    y[pos] = y[pos] + _col(h[kj[pos]], x) * drafter(y[pos], t[kj[pos]], pos, j, net)
+                    y[pos] = y[pos] + per_sample(h[kj[pos]], x) * drafter(y[pos], t[kj[pos]], pos, j, net)
             else:
-                y = torch.where(_col(m, x), y + _col(h[kj], x) * drafter(y, t[kj], None, j, net), y)
+                y = torch.where(per_sample(m, x), y + per_sample(h[kj], x) * drafter(y, t[kj], None, j, net), y)
         return y
 
     def _run(self, f, x, grid, draft, generator, stats):
@@ -156,7 +142,7 @@ class SFM(Sampler):
         proposed = accepted = torch.zeros((), dtype=torch.long, device=dev)
         while True:
             last = k == N - 1  # final step to t = 1: Euler with the paid v_{N-1}, no evaluation at t = 1
-            x = torch.where(_col(last, x), x + h[N - 1] * v, x)
+            x = torch.where(per_sample(last, x), x + h[N - 1] * v, x)
             k = torch.where(last, N, k)
             rows = (k < N).nonzero().squeeze(1)  # the round's host sync (besides the call's NaN check)
             if rows.numel() == 0:
@@ -166,15 +152,15 @@ class SFM(Sampler):
             y = self._leap(drafter, draft, x, v, k, L, t, h, Lmax)
             s = t[(k + L).clamp(max=N)]
             ya, sa, La = y[rows], s[rows], L[rows]
-            v_s = f(ya, sa, rows=rows, step=_FirstStep(k, rows))  # the one target call of this round
+            v_s = f(ya, sa, rows=rows, step=Steps(k, k + L - 1, k < N))  # the one target call of this round
             h_s = f.features  # its trunk features (None unless the drafter reads them)
             ok = self._accept(drafter, draft, ya, sa, v_s, rows, La, Lmax)
             proposed = proposed + (La > 1).sum()
             accepted = accepted + (ok & (La > 1)).sum()
             x_new, v_new = self._commit(x[rows], v[rows], ya, v_s, t[k[rows]], sa)
             acc = torch.zeros_like(retry).index_copy_(0, rows, ok)
-            x = torch.where(_col(acc, x), x.index_copy(0, rows, x_new), x)
-            v = torch.where(_col(acc, x), v.index_copy(0, rows, v_new), v)
+            x = torch.where(per_sample(acc, x), x.index_copy(0, rows, x_new), x)
+            v = torch.where(per_sample(acc, x), v.index_copy(0, rows, v_new), v)
             k = torch.where(acc, k + L, k)
             features = () if h_s is None else (h_s.new_zeros((B, *h_s.shape[1:])).index_copy_(0, rows, h_s),)
             drafter.observe(acc, y, s, torch.zeros_like(x).index_copy_(0, rows, v_s), *features)  # target at x̃

@@ -26,7 +26,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from specflow.path import transition_coefficients
+from specflow.path import per_sample, transition_coefficients
 from specflow.sampling import keyed
 from specflow.sampling.bandit import POLICIES, Bandit, check_arms, time_bucket
 from specflow.sampling.base import Sampler, register
@@ -34,6 +34,7 @@ from specflow.sampling.coupling import IsoGaussian, log_acceptance, reflect, res
 from specflow.sampling.drafters import DRAFTERS, make_drafter
 from specflow.sampling.graphs import Graphs
 from specflow.sampling.noise import NoiseTable
+from specflow.sampling.stats import Steps
 
 
 @dataclasses.dataclass
@@ -48,6 +49,7 @@ class _Round:
     eps: Tensor  # (L, B, ...) ε_{k+j}: y_{j+1} = m̂_j + ĉ_j·ε_{k+j}
     eps_sq: Tensor  # (L, B) ‖ε_{k+j}‖²/2
     log_u: Tensor   # (L, B) log u_{k+j}
+    ar: Tensor      # (B,) 0..B−1: the sample index, for per-sample gathers
     last: Tensor = None  # (B,) the last j evaluated (L, or L − 1 when y_L is at t = 1; −1: none)
     E: Tensor = None     # (L+1, B) bool: evaluated by this round's target call
     V: Tensor = None     # (L+1, B, ...) target velocities where evaluated (V[0] = the paid one where known)
@@ -191,7 +193,7 @@ class Speculative(Sampler):
             if self.row_bucket and n % self.row_bucket:  # repeat a row up to the bucket: few distinct shapes
                 idx = torch.cat([idx, idx[:1].expand(self.row_bucket - n % self.row_bucket)])
             rows = None if f.cond is None else idx % B
-            vv = f(r.Y.flatten(0, 1)[idx], r.T.flatten()[idx], rows, step=_Steps(c.k, c.k + r.last, c.L > 0))
+            vv = f(r.Y.flatten(0, 1)[idx], r.T.flatten()[idx], rows, step=Steps(c.k, c.k + r.last, c.L > 0))
             r.V.flatten(0, 1).index_copy_(0, idx[:n], vv[:n])
             h = f.features if self.needs_features else None
             if h is not None:
@@ -204,11 +206,12 @@ class Speculative(Sampler):
         a = self._verify(r, c.known, c.L, jj)  # leading accepted steps
         x, rej = self._next_state(r, a, c.L, c.k, keys)
         self._observe(drafter, r, a, c.known)
-        c.proposed += (torch.minimum(a + 1, c.L) - c.known.long()).sum()
-        c.accepted += (a - c.known.long()).sum()
+        ex = c.known.long()  # the target's own step is neither proposed nor accepted
+        c.proposed += (torch.minimum(a + 1, c.L) - ex).sum()
+        c.accepted += (a - ex).sum()
         torch.where(rej, a + 1, c.L, out=c.adv)
         c.x.copy_(x)
-        c.v.copy_(r.V[c.L, torch.arange(c.L.shape[0], device=c.L.device)])
+        c.v.copy_(r.V[c.L, r.ar])
         c.k += c.adv
         torch.logical_and(~rej, c.k < self.steps, out=c.known)  # an all-accepted round evaluated y_L: it seeds the next
 
@@ -217,23 +220,24 @@ class Speculative(Sampler):
         N, B = self.steps, x.shape[0]
         J = k + jj[:Lmax + 1]  # grid index of y_j
         Jc = J[:-1].clamp(max=N - 1)  # grid step j (padding repeats the last step: finite, never used)
-        ar = torch.arange(B, device=x.device)
+        ar = torch.arange(B, device=x.device)  # the round's one sample index (r.ar)
         P = tab["P"][Jc]
         Q = P if tab["Q"] is tab["P"] else torch.cat([torch.where(ex[:, None], P[:1], tab["Q"][Jc[:1]]),
                                                      tab["Q"][Jc[1:]]])  # the target's own step uses p
         r = _Round(Y=x.new_empty((Lmax + 1, *x.shape)), T=tab["t"][J.clamp(max=N)], P=P, Ch=Q[..., 2],
-                   eps=tab["eps"][Jc, ar], eps_sq=tab["eps_sq"][Jc, ar], log_u=tab["log_u"][Jc, ar])
+                   eps=tab["eps"][Jc, ar], eps_sq=tab["eps_sq"][Jc, ar], log_u=tab["log_u"][Jc, ar], ar=ar)
         S = tab["t"][Jc]  # each step's start time (= T[:-1] where real; < 1 even in padding)
-        a_q, b_q = _bcast(Q[..., 0], x), _bcast(Q[..., 1], x)
-        ce = _bcast(Q[..., 2], x) * r.eps  # ĉ_j·ε_{k+j}
+        a_q, b_q = per_sample(Q[..., 0], x), per_sample(Q[..., 1], x)
+        ce = per_sample(Q[..., 2], x) * r.eps  # ĉ_j·ε_{k+j}
         r.Y[0] = x
-        if drafter.predicts_x1:  # v̂ = (x̂1(s) − y)/(1 − s): y_{j+1} = (a − β)·y + β·x̂1 + ĉε, β = b/(1 − s)
-            beta = b_q / _bcast(1 - S, x)
+        if drafter.predicts_x1:
+            # v̂ = (x̂1(s) − y)/(1 − s) folded into the step: y_{j+1} = (a − β)·y + β·x̂1 + ĉε, β = b/(1 − s)
+            beta = b_q / per_sample(1 - S, x)
             alpha = a_q - beta
             for j in range(Lmax):
                 x1 = drafter.predict_x1(S[j], None)  # every row (padding included): no gathers
                 if j == 0:  # the target's own x̂1 where its velocity at x_k was paid for
-                    x1 = torch.where(_bcast(ex, x), torch.addcmul(x, _bcast(1 - S[0], x), v), x1)
+                    x1 = torch.where(per_sample(ex, x), torch.addcmul(x, per_sample(1 - S[0], x), v), x1)
                 torch.addcmul(ce[j], alpha[j], r.Y[j], out=r.Y[j + 1])
                 r.Y[j + 1].addcmul_(beta[j], x1)
             return r
@@ -249,7 +253,7 @@ class Speculative(Sampler):
 
     def _verify(self, r: _Round, ex, L, jj) -> Tensor:
         """Leading accepted steps a ∈ [0, L] per sample: u_{k+j} < min(1, p_j(y_{j+1}) / q_j(y_{j+1}))."""
-        y, a_p, b_p = r.Y[:-1], _bcast(r.P[..., 0], r.Y[0]), _bcast(r.P[..., 1], r.Y[0])
+        y, a_p, b_p = r.Y[:-1], per_sample(r.P[..., 0], r.Y[0]), per_sample(r.P[..., 1], r.Y[0])
         r.m = torch.addcmul(a_p * y, b_p, r.V[:-1])  # the target's mean from each y_j
         d = r.Y[1:] - r.m
         if self.draft_eta is None:  # equal covariance: log p − log q = (‖ε‖² − ‖y − m‖²/c²) / 2
@@ -257,7 +261,7 @@ class Speculative(Sampler):
             ell = ell.nan_to_num(nan=0.0)  # c = 0 (the step to t = 1) with m̂ = m exactly: 0·∞, accept
         else:
             ell = log_acceptance(r.Y[1:], IsoGaussian(r.m, r.P[..., 2]),
-                                 IsoGaussian(r.Y[1:] - _bcast(r.Ch, r.Y[0]) * r.eps, r.Ch))
+                                 IsoGaussian(r.Y[1:] - per_sample(r.Ch, r.Y[0]) * r.eps, r.Ch))
         ok = r.log_u < ell  # strict: u = 0 never accepts a zero ratio
         ok |= jj[1:r.Y.shape[0]] > L  # padding
         ok[0] |= ex  # the target's own step
@@ -265,19 +269,18 @@ class Speculative(Sampler):
 
     def _next_state(self, r: _Round, a, L, k, keys):
         """x_{k+adv}: y_L where all L steps were accepted, else the coupled state at the first rejection."""
-        B = L.shape[0]
-        ar = torch.arange(B, device=L.device)
+        ar = r.ar
         rej = a < L
         x = r.Y[torch.where(rej, a + 1, L), ar]
         j = a.clamp(max=r.m.shape[0] - 1)  # the first rejected step (garbage where nothing was rejected)
         m, c, eps = r.m[j, ar], r.P[j, ar, 2], r.eps[j, ar]
         if self.draft_eta is None:  # reflection maximal coupling, dense (no sync to find the rejected rows)
-            m_hat = torch.addcmul(r.Y[j + 1, ar], _bcast(c, eps), eps, value=-1)
-            return torch.where(_bcast(rej, x), self._couple(m_hat, m, c, eps), x), rej
+            m_hat = torch.addcmul(r.Y[j + 1, ar], per_sample(c, eps), eps, value=-1)
+            return torch.where(per_sample(rej, x), self._couple(m_hat, m, c, eps), x), rej
         i = rej.nonzero().squeeze(1)  # general maximal coupling: residual (p − q)+ by keyed rejection sampling
         if i.numel():
             ch = r.Ch[j[i], i]
-            q = IsoGaussian(r.Y[j[i] + 1, i] - _bcast(ch, eps[i]) * eps[i], ch)
+            q = IsoGaussian(r.Y[j[i] + 1, i] - per_sample(ch, eps[i]) * eps[i], ch)
             x[i] = residual_sample(IsoGaussian(m[i], c[i]), q, _keyed_draw(keys[i], k[i] + a[i], x))
         return x, rej
 
@@ -291,11 +294,10 @@ class Speculative(Sampler):
         if self.needs_features and r.H is None:  # no target call this round: nothing to observe
             return
         lo, hi = ex.long(), torch.minimum(a, r.last)  # each sample's evaluated chain states: lo..hi
-        ar = torch.arange(a.shape[0], device=a.device)
         for m in reversed(range(drafter.memory)):
             j = (hi - m).clamp(min=0)
-            h = () if r.H is None else (r.H[j, ar],)
-            drafter.observe(hi - m >= lo, r.Y[j, ar], r.T[j, ar], r.V[j, ar], *h)
+            h = () if r.H is None else (r.H[j, r.ar],)
+            drafter.observe(hi - m >= lo, r.Y[j, r.ar], r.T[j, r.ar], r.V[j, r.ar], *h)
 
 
 @dataclasses.dataclass
@@ -329,11 +331,6 @@ def _sqnorm(a: Tensor) -> Tensor:
     return torch.linalg.vecdot(a, a)
 
 
-def _bcast(c: Tensor, like: Tensor) -> Tensor:
-    """Per-sample values (any leading shape) viewed to broadcast against states shaped like ``like`` (B, ...)."""
-    return c.view(*c.shape, *([1] * (like.ndim - 1)))
-
-
 def _keyed_draw(keys: Tensor, steps: Tensor, like: Tensor):
     """Residual-sampling draws for rows (keys, steps): a pure function of (key, step, attempt)."""
     def draw(rows: Tensor, att: Tensor):
@@ -341,14 +338,3 @@ def _keyed_draw(keys: Tensor, steps: Tensor, like: Tensor):
         w = keyed.uniform(keys[rows], steps[rows], 2 * att + 1, 1, like.dtype)[..., 0]
         return eps, w
     return draw
-
-
-class _Steps:
-    """The grid steps of a ragged call, formatted only if an error message needs them (no device sync)."""
-
-    def __init__(self, lo: Tensor, hi: Tensor, live: Tensor):
-        self.lo, self.hi, self.live = lo, hi, live
-
-    def __str__(self) -> str:
-        lo, hi = int(self.lo[self.live].min()), int(self.hi[self.live].max())
-        return str(lo) if lo == hi else f"{lo}..{hi}"

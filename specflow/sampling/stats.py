@@ -98,6 +98,18 @@ class Evaluator:
             self.stats.draft_nfe += self.rows / self.batch
 
 
+class Steps:
+    """The grid steps of a ragged call (per-sample ``lo``..``hi`` over the ``live`` samples), formatted only if
+    an error message needs them: passing it as ``step=`` costs no device sync."""
+
+    def __init__(self, lo: Tensor, hi: Tensor, live: Tensor):
+        self.lo, self.hi, self.live = lo, hi, live
+
+    def __str__(self) -> str:
+        lo, hi = int(self.lo[self.live].min()), int(self.hi[self.live].max())
+        return str(lo) if lo == hi else f"{lo}..{hi}"
+
+
 def _fmt_t(t: Tensor) -> str:
     t = t.detach().flatten().float().cpu()
     return f"{t[0].item():.4f}" if bool((t == t[0]).all()) else f"[{t.min().item():.4f}..{t.max().item():.4f}]"
