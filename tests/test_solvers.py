@@ -63,3 +63,18 @@ def test_bad_sampler_input():
         build_sampler("euler", steps=2).sample(lambda x, t: torch.where(t[:, None] > 0.2, float("nan"), 0.0) * x, torch.randn(4, 2))
     with pytest.raises(ValueError, match=r"returned \(4, 3\).*step 0"):
         build_sampler("euler", steps=2).sample(lambda x, t: torch.zeros(4, 3), torch.randn(4, 2))
+
+
+@pytest.mark.parametrize("name,step", [("euler", 4), ("ab2", 4), ("sde", 4), ("heun", 3), ("speculative", r"\d+")])
+def test_deferred_nan_check_names_the_first_bad_call(name, step):
+    """The NaN check waits for the sampler's next host sync (or the end), yet names the call that failed:
+    NaN from t = 0.4 on (grid of 10 steps) is reported at t = 0.4, not at a later step."""
+    calls = []
+
+    def nan_from_04(x, t):
+        calls.append(float(t.max()))
+        return torch.where(t[:, None] > 0.35, float("nan"), 1.0) * x
+
+    with pytest.raises(FloatingPointError, match=rf"NaN/Inf at step {step}(\.\.\d+)?, t=(0\.4000|\[0\.4000)"):
+        build_sampler(name, steps=10).sample(nan_from_04, torch.randn(4, 2))
+    assert max(calls) > 0.4  # the check was deferred: the run went on past the bad call

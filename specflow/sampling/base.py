@@ -31,6 +31,10 @@ class Sampler:
     name: ClassVar[str] = "base"
     needs_draft: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False  # the drafter reads the target's trunk features (medusa)
+    # The NaN/Inf check of each target output waits for the sampler's next host sync (Evaluator.fetch) or
+    # the end of the run, so a round or a step never stops the device just to check. Samplers that read
+    # device values on the host between calls keep the check at each call (a NaN must not reach them first).
+    defer_checks: ClassVar[bool] = False
     steps: int = 100
     schedule: str = "uniform"
 
@@ -64,6 +68,8 @@ class Sampler:
                              f"call sample(..., draft=...) (see specflow.load_draft)")
         stats = SampleStats(baseline_steps=self.steps)
         target = Evaluator(model, cond, B, stats, "target", keep_features=self.needs_features)
+        if self.defer_checks:
+            target.defer_checks()
         drafter = Evaluator(draft, cond, B, stats, "draft") if draft is not None else None
         grid = time_grid(self.steps, device=noise.device, dtype=torch.float64, schedule=self.schedule)
         t0 = time.perf_counter()

@@ -13,7 +13,8 @@ from specflow.sampling.noise import NoiseTable
 
 
 # Step sizes and coefficients are Python floats from the float64 grid, and the times handed to the model
-# are views of one tensor in the state's dtype: a step launches only its own few kernels (GPU latency).
+# are views of one tensor in the state's dtype: a step launches only its own few kernels (GPU latency),
+# and never waits for the device (the NaN checks are deferred to the end of the run: Sampler.defer_checks).
 
 
 @register
@@ -22,6 +23,7 @@ class Euler(Sampler):
     """Euler on dx/dt = v: N target calls."""
 
     name = "euler"
+    defer_checks = True
 
     def _run(self, f, x, grid, draft, generator, stats):
         t, h = grid.to(x.dtype), grid.diff().tolist()
@@ -36,6 +38,7 @@ class Heun(Sampler):
     """Heun's 2nd-order method (EDM Alg. 1 without churn): 2N target calls."""
 
     name = "heun"
+    defer_checks = True
 
     def _run(self, f, x, grid, draft, generator, stats):
         t, h = grid.to(x.dtype), grid.diff().tolist()
@@ -53,6 +56,7 @@ class AB2(Sampler):
     """Adams–Bashforth 2 (variable step): second order at one target call per step, N calls."""
 
     name = "ab2"
+    defer_checks = True
 
     def _run(self, f, x, grid, draft, generator, stats):
         t, h = grid.to(x.dtype), grid.diff().tolist()
@@ -75,6 +79,7 @@ class SDE(Sampler):
     ``path.transition_coefficients``). η = 0 is Euler."""
 
     name = "sde"
+    defer_checks = True
     eta: float = 1.0
 
     def __post_init__(self):

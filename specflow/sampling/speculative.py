@@ -34,7 +34,6 @@ from specflow.sampling.coupling import IsoGaussian, log_acceptance, reflect, res
 from specflow.sampling.drafters import DRAFTERS, make_drafter
 from specflow.sampling.graphs import Graphs
 from specflow.sampling.noise import NoiseTable
-from specflow.sampling.stats import Steps
 
 
 @dataclasses.dataclass
@@ -51,7 +50,6 @@ class _Round:
     log_u: Tensor   # (L, B) log u_{k+j}
     ar: Tensor      # (B,) 0..B−1: the sample index, for per-sample gathers
     last: Tensor = None  # (B,) the last j evaluated (L, or L − 1 when y_L is at t = 1; −1: none)
-    E: Tensor = None     # (L+1, B) bool: evaluated by this round's target call
     V: Tensor = None     # (L+1, B, ...) target velocities where evaluated (V[0] = the paid one where known)
     H: Tensor = None     # (L+1, B, ...) the target's trunk features where evaluated (drafters that read them)
     m: Tensor = None     # (L, B, ...) the target's means m_j (set by _verify)
@@ -81,6 +79,7 @@ class Speculative(Sampler):
     """
 
     name = "speculative"
+    defer_checks = True  # each call's NaN check rides on the next round's fetch
     eta: float = 1.0
     drafter: str = "extrapolate"
     window: int | str = 8
@@ -131,11 +130,12 @@ class Speculative(Sampler):
 
     # ---------------------------------------------------------------------------------------------------
     # The round is written for GPU latency: every sample stays in the batch (finished ones with an empty
-    # window), tables are gathered once per round, and the host syncs only for the window length, the
-    # rows of the one target call and its NaN check. Around that call the round is two fixed-shape pieces, ``_propose``
-    # (draft) and ``_settle`` (verify, couple, observe, advance), that update the chain in place; on CUDA
-    # they are captured as CUDA graphs per window length (graphs.py). benchmarks/speculative.py measures
-    # the time outside the model.
+    # window), tables are gathered once per round, and the host syncs ONCE per round: ``f.fetch`` copies each
+    # sample's k and known (plus the last call's NaN check and the counts) down, and the host plans the
+    # round from them (_Plan: windows, the rows of the target call, the bandit's choices). Around the one
+    # target call the round is two fixed-shape pieces, ``_propose`` (draft) and ``_settle`` (verify, couple,
+    # observe, advance), that update the chain in place; on CUDA they are captured as CUDA graphs per window
+    # length (graphs.py). benchmarks/speculative.py measures the time outside the model.
     def _run(self, f, x, grid, draft, generator, stats):
         N, B, dev = self.steps, x.shape[0], x.device
         noise = NoiseTable(N, x, generator, uniforms=True)  # ε_k, u_k per (grid step, sample)
@@ -151,49 +151,54 @@ class Speculative(Sampler):
         jj = torch.arange((max(self.arms) if self._bandit is not None else self.window) + 1, device=dev)[:, None]
         graphs = Graphs(enabled=self.cuda_graphs and x.is_cuda and drafter.predicts_x1 and self.draft_eta is None)
         arms = torch.zeros(len(self.arms), dtype=torch.long)
-        grid_cpu = grid.cpu()
+        grid_cpu, jj_cpu, played = grid.cpu(), jj.cpu(), None
         while True:
-            if self._bandit is not None:  # the bandit lives on the CPU: one copy of k down, one of W up
-                k_cpu = c.k.cpu()
-                ctx = time_bucket(grid_cpu[k_cpu], self.buckets)
-                W_cpu = self._bandit.select(ctx, limit=N - k_cpu)
-                c.W.copy_(W_cpu)
-            torch.minimum(c.W, N - c.k, out=c.L)  # 0 for finished samples
-            Lmax = int(c.L.max())
-            if Lmax == 0:  # every sample is at t = 1
-                break
-            r = graphs(("propose", Lmax), lambda: self._propose(c, Lmax, jj, tab, drafter, draft), group=Lmax)
-            self._evaluate(f, r, c)
-            graphs(("settle", Lmax), lambda: self._settle(c, r, jj, drafter, keys), group=Lmax)
+            k, known, counts = f.fetch(c.k, c.known, torch.stack([c.proposed, c.accepted]))  # the one sync
             if self._bandit is not None:
-                fits = W_cpu <= N - k_cpu  # an arm clamped at the end of the grid (or a finished sample): no credit
-                self._bandit.update(ctx[fits], W_cpu[fits], c.adv.cpu()[fits].double())  # steps per target call
-                arms += torch.bincount(self._bandit.index(W_cpu[k_cpu < N]), minlength=len(arms))
+                W, played = self._play_bandit(k, grid_cpu, arms, played)
+                c.W.copy_(W, non_blocking=True)  # pageable → device: staged at once, no wait on the device
+            p = _Plan(N, k, known.bool(), W if self._bandit is not None else self.window, jj_cpu, self.row_bucket)
+            if p.Lmax == 0:  # every sample is at t = 1
+                break
+            idx = p.rows.to(dev, non_blocking=True)  # uploaded now, while the device is idle
+            torch.minimum(c.W, N - c.k, out=c.L)  # = p.L, on the device
+            r = graphs(("propose", p.Lmax), lambda: self._propose(c, p, jj, tab, drafter, draft), group=p.Lmax)
+            self._evaluate(f, r, c, p, idx)
+            graphs(("settle", p.Lmax), lambda: self._settle(c, r, jj, drafter, keys), group=p.Lmax)
             stats.rounds += 1
-        stats.proposed, stats.accepted = int(c.proposed), int(c.accepted)
+        stats.proposed, stats.accepted = counts.tolist()
         if self._bandit is not None:
-            stats.arm_counts = {int(a): int(n) for a, n in zip(self.arms, arms)}
+            stats.arm_counts = dict(zip(self.arms, arms.tolist()))
         return c.x
 
-    def _propose(self, c: "_Chain", Lmax: int, jj, tab, drafter, draft) -> _Round:
-        """The draft of this round and which of its states the target evaluates (fixed shapes, no sync)."""
-        r = self._draft(c.x, c.v, c.known, c.k, c.L, Lmax, jj, tab, drafter, draft)
-        r.last = torch.where(c.k + c.L < self.steps, c.L, c.L - 1)  # y_L at t = 1 is never evaluated
-        r.E = (jj[:Lmax + 1] >= c.known.long()) & (jj[:Lmax + 1] <= r.last)
+    def _play_bandit(self, k: Tensor, grid: Tensor, arms: Tensor, played):
+        """On the host: credit last round's choices (``played``) with the steps each sample advanced per
+        target call, then choose every sample's window for this round; returns (W, played)."""
+        N = self.steps
+        if played is not None:
+            ctx, W, k0 = played
+            fits = W <= N - k0  # an arm clamped at the end of the grid (or a finished sample): no credit
+            self._bandit.update(ctx[fits], W[fits], (k - k0)[fits].double())
+        ctx = time_bucket(grid[k], self.buckets)
+        W = self._bandit.select(ctx, limit=N - k)
+        arms += torch.bincount(self._bandit.index(W[k < N]), minlength=len(arms))
+        return W, (ctx, W, k)
+
+    def _propose(self, c: "_Chain", p: "_Plan", jj, tab, drafter, draft) -> _Round:
+        """The draft of this round (fixed shapes for a given p.Lmax, no sync)."""
+        r = self._draft(c.x, c.v, c.known, c.k, p, jj, tab, drafter, draft)
+        r.last = torch.where(c.k + c.L < self.steps, c.L, c.L - 1)  # = p.last
         r.V = torch.zeros_like(r.Y)
         r.V[0] = c.v  # the paid velocity where known; the evaluation overwrites the other rows
         return r
 
-    def _evaluate(self, f, r: _Round, c: "_Chain") -> None:
-        """The round's one target call: y_j for j in [known, last] of each sample, written into r.V."""
-        B = c.k.shape[0]
-        idx = r.E.flatten().nonzero().squeeze(1)
-        n = idx.numel()
+    def _evaluate(self, f, r: _Round, c: "_Chain", p: "_Plan", idx: Tensor) -> None:
+        """The round's one target call: y_j for j in [known, last] of each sample (p.rows = idx on the
+        device: flat (j, sample) positions), written into r.V."""
+        B, n = c.k.shape[0], p.n
         if n:  # none only when every sample takes its last step with a velocity already paid for
-            if self.row_bucket and n % self.row_bucket:  # repeat a row up to the bucket: few distinct shapes
-                idx = torch.cat([idx, idx[:1].expand(self.row_bucket - n % self.row_bucket)])
             rows = None if f.cond is None else idx % B
-            vv = f(r.Y.flatten(0, 1)[idx], r.T.flatten()[idx], rows, step=Steps(c.k, c.k + r.last, c.L > 0))
+            vv = f(r.Y.flatten(0, 1)[idx], r.T.flatten()[idx], rows, step=p.steps)
             r.V.flatten(0, 1).index_copy_(0, idx[:n], vv[:n])
             h = f.features if self.needs_features else None
             if h is not None:
@@ -215,9 +220,9 @@ class Speculative(Sampler):
         c.k += c.adv
         torch.logical_and(~rej, c.k < self.steps, out=c.known)  # an all-accepted round evaluated y_L: it seeds the next
 
-    def _draft(self, x, v, ex, k, L, Lmax, jj, tab, drafter, draft) -> _Round:
+    def _draft(self, x, v, ex, k, p, jj, tab, drafter, draft) -> _Round:
         """y_{j+1} = m̂_j + ĉ_j·ε_{k+j} for j < L (per sample); step 0 is the target's own where ``ex``."""
-        N, B = self.steps, x.shape[0]
+        N, B, Lmax = self.steps, x.shape[0], p.Lmax
         J = k + jj[:Lmax + 1]  # grid index of y_j
         Jc = J[:-1].clamp(max=N - 1)  # grid step j (padding repeats the last step: finite, never used)
         ar = torch.arange(B, device=x.device)  # the round's one sample index (r.ar)
@@ -244,8 +249,9 @@ class Speculative(Sampler):
         for j in range(Lmax):  # a velocity drafter (a network): only the real rows are drafted
             y = r.Y[j]
             v_hat = v.clone() if j == 0 else torch.zeros_like(y)
-            pos = ((L > j) & ~ex if j == 0 else L > j).nonzero().squeeze(1)
+            pos = ((p.L > j) & ~p.known if j == 0 else p.L > j).nonzero().squeeze(1)  # planned on the host
             if pos.numel():
+                pos = pos.to(x.device)
                 v_hat[pos] = drafter(y[pos], S[j, pos], pos, j, draft)
             torch.addcmul(ce[j], a_q[j], y, out=r.Y[j + 1])
             r.Y[j + 1].addcmul_(b_q[j], v_hat)
@@ -298,6 +304,23 @@ class Speculative(Sampler):
             j = (hi - m).clamp(min=0)
             h = () if r.H is None else (r.H[j, r.ar],)
             drafter.observe(hi - m >= lo, r.Y[j, r.ar], r.T[j, r.ar], r.V[j, r.ar], *h)
+
+
+class _Plan:
+    """A round planned on the host from each sample's k and known (fetched once): the windows L, the last
+    j evaluated, and the flat (j, sample) rows of the one target call (padded to ``bucket``)."""
+
+    def __init__(self, N: int, k: Tensor, known: Tensor, W, jj: Tensor, bucket: int):
+        self.k, self.known = k, known
+        self.L = torch.clamp(N - k, max=W) if isinstance(W, int) else torch.minimum(W, N - k)
+        self.Lmax = int(self.L.max())
+        self.last = torch.where(k + self.L < N, self.L, self.L - 1)  # y_L at t = 1 is never evaluated
+        J = jj[:self.Lmax + 1]
+        self.rows = ((J >= known.long()) & (J <= self.last)).flatten().nonzero().squeeze(1)
+        self.n = self.rows.numel()
+        if bucket and self.n % bucket:  # repeat a row up to the bucket: few distinct shapes for cuDNN
+            self.rows = torch.cat([self.rows, self.rows[:1].expand(bucket - self.n % bucket)])
+        self.steps = (k + J).flatten()[self.rows]  # each row's grid step, for error messages
 
 
 @dataclasses.dataclass

@@ -52,6 +52,7 @@ class Evaluator:
                  keep_features: bool = False):
         self.model, self.cond, self.batch, self.stats, self.kind = model, cond, batch, stats, kind
         self.calls, self.rows = 0, 0
+        self.pending: list | None = None  # deferred output checks (see defer_checks)
         # Drafters that read the target's trunk (medusa) need v = output(h), h = features(x, t, cond), and h.
         self.keep_features, self.features = keep_features, None
         has_trunk = callable(getattr(model, "features", None)) and callable(getattr(model, "output", None))
@@ -61,10 +62,10 @@ class Evaluator:
                              f"specflow.load_target); got {type(model).__name__}, e.g. a guidance wrapper or a "
                              f"plain function — use another drafter there")
 
-    def __call__(self, x: Tensor, t: Tensor, rows: Tensor | None = None, *, step: int | None = None,
-                 **context) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, rows: Tensor | None = None, *, step=None, **context) -> Tensor:
         """v = model(x, t, cond[rows], **context); ``rows`` maps each row of x to its sample (default: all, in
-        order). With ``keep_features``, ``self.features`` holds the trunk features of these rows afterwards."""
+        order). With ``keep_features``, ``self.features`` holds the trunk features of these rows afterwards.
+        ``step`` labels the call in error messages: an int, a ``Steps``, or a tensor with each row's step."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         cond = self.cond
@@ -81,16 +82,47 @@ class Evaluator:
         if not isinstance(v, Tensor) or v.shape != x.shape:
             got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
             raise ValueError(
-                f"{self.kind} model returned {got} for input {tuple(x.shape)} at step {step}, "
+                f"{self.kind} model returned {got} for input {tuple(x.shape)} at step {_fmt_step(step)}, "
                 f"t={_fmt_t(t)}; a velocity model must return a tensor shaped like x")
         v = v.to(x.dtype)
-        if not bool(torch.isfinite(v).all()):
-            raise FloatingPointError(
-                f"{self.kind} model returned NaN/Inf at step {step}, t={_fmt_t(t)}; check the checkpoint "
-                f"(was training stable?) and the input noise, or run in float32 instead of half precision")
+        finite = torch.isfinite(v).flatten(1).all(1)  # per row, so that an error can name the bad rows
+        if self.pending is not None:
+            self.pending.append((finite, step, t))
+        elif not bool(finite.all()):
+            raise self._nonfinite(step, t, finite)
         return v
 
+    def defer_checks(self) -> None:
+        """From now on, check outputs for NaN/Inf at the next ``fetch`` instead of at each call: a sampler
+        that syncs with the host once per round folds the check into that one copy. A NaN then surfaces one
+        round late, still naming the step and t of the call that made it (``finish`` checks what is left)."""
+        if self.pending is None:
+            self.pending = []
+
+    def fetch(self, *tensors: Tensor) -> list[Tensor]:
+        """``tensors`` (small integer/bool device tensors) on the host, copied in ONE transfer that also
+        carries the deferred output checks; raises FloatingPointError for the first call that failed."""
+        checks, self.pending = self.pending or [], ([] if self.pending is not None else None)
+        parts = [a.reshape(-1).long() for a in tensors]
+        if checks:
+            parts.append(torch.stack([ok.all() for ok, _, _ in checks]).long())
+        host = torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.long)
+        n = host.numel() - len(checks)
+        for (finite, step, t), ok in zip(checks, host[n:].tolist()):
+            if not ok:
+                raise self._nonfinite(step, t, finite)
+        return [h.view(a.shape) for h, a in zip(host[:n].split([a.numel() for a in tensors]), tensors)]
+
+    def _nonfinite(self, step, t: Tensor, finite: Tensor) -> FloatingPointError:
+        bad = ~finite.cpu()  # name the rows that failed, not the whole ragged call
+        return FloatingPointError(
+            f"{self.kind} model returned NaN/Inf at step {_fmt_step(step, bad)}, t={_fmt_t(t.cpu()[bad])}; "
+            f"check the checkpoint "
+            f"(was training stable?) and the input noise, or run in float32 instead of half precision")
+
     def finish(self) -> None:
+        if self.pending:
+            self.fetch()
         if self.kind == "target":
             self.stats.sequential_nfe += self.calls
             self.stats.total_nfe += self.rows / self.batch
@@ -108,6 +140,14 @@ class Steps:
     def __str__(self) -> str:
         lo, hi = int(self.lo[self.live].min()), int(self.hi[self.live].max())
         return str(lo) if lo == hi else f"{lo}..{hi}"
+
+
+def _fmt_step(step, rows: Tensor | None = None) -> str:
+    if isinstance(step, Tensor):  # each row's step
+        step = step.cpu() if rows is None else step.cpu()[rows]
+        lo, hi = int(step.min()), int(step.max())
+        return str(lo) if lo == hi else f"{lo}..{hi}"
+    return str(step)
 
 
 def _fmt_t(t: Tensor) -> str:
