@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from specflow.data.toy import GaussianMixture
-from specflow.sampling import build_sampler, speculative
+from specflow.sampling import build_sampler, sfm, speculative
 from specflow.sampling.stats import Evaluator
 
 aten = torch.ops.aten
@@ -73,6 +73,7 @@ def _count(monkeypatch, name, model=GM.velocity, **options):
     monkeypatch.setattr(Evaluator, "fetch", counter.wrap(Evaluator.fetch, fetch=True))
     monkeypatch.setattr(speculative._Plan, "__init__", counter.wrap(speculative._Plan.__init__))
     monkeypatch.setattr(speculative.Speculative, "_play_bandit", counter.wrap(speculative.Speculative._play_bandit))
+    monkeypatch.setattr(sfm.SFM, "_plan", counter.wrap(sfm.SFM._plan))
     sampler = build_sampler(name, steps=24, **options)
     sampler._run = counter.watch(sampler._run)  # not the shell's one-off input checks
     noise = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
@@ -81,10 +82,19 @@ def _count(monkeypatch, name, model=GM.velocity, **options):
     return counter, res.stats
 
 
-@pytest.mark.parametrize("name", ["euler", "heun", "ab2", "sde"])
+@pytest.mark.parametrize("name", ["euler", "heun", "ab2", "sde", "rca"])
 def test_plain_solvers_never_wait_for_the_device(monkeypatch, name):
     counter, _ = _count(monkeypatch, name)
     assert counter.syncs == [] and counter.fetches == 1  # the deferred NaN checks, once, at the end
+
+
+@pytest.mark.parametrize("options", [dict(drafter="frozen", leap=4), dict(drafter="extrapolate", leap="bandit")],
+                         ids=str)
+def test_sfm_syncs_once_per_round(monkeypatch, options):
+    counter, stats = _count(monkeypatch, "sfm", **options)
+    assert stats.rounds > 3
+    assert counter.syncs == []
+    assert counter.fetches == stats.rounds + 1  # one per round, and the one that finds every sample done
 
 
 @pytest.mark.parametrize("options", [dict(drafter="frozen", window=8), dict(drafter="extrapolate", window=4),
@@ -108,3 +118,4 @@ def test_counter_sees_a_hidden_sync(monkeypatch):
     monkeypatch.setattr(speculative.Speculative, "_settle", settle_and_peek)
     counter, stats = _count(monkeypatch, "speculative", drafter="frozen", window=8)
     assert len(counter.syncs) == stats.rounds
+

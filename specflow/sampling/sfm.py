@@ -51,7 +51,6 @@ from specflow.path import per_sample, x1_hat
 from specflow.sampling.bandit import POLICIES, Bandit, check_arms, time_bucket
 from specflow.sampling.base import Sampler, register
 from specflow.sampling.drafters import DRAFTERS, make_drafter
-from specflow.sampling.stats import Steps
 
 
 def _norm(x: Tensor) -> Tensor:
@@ -69,6 +68,7 @@ class SFM(Sampler):
     """
 
     name = "sfm"
+    defer_checks = True  # each call's NaN check rides on the next round's fetch
     drafter: str = "extrapolate"
     leap: int | str = 4
     arms: tuple = (1, 2, 4, 8)
@@ -102,26 +102,42 @@ class SFM(Sampler):
     def needs_features(self) -> bool:  # medusa: the target call also returns its trunk features
         return DRAFTERS[self.drafter].needs_features
 
-    def _choose(self, t: Tensor, cap: Tensor):
-        """Leap lengths for samples at times t with at most ``cap`` steps; the bandit contexts and which rows
-        play the bandit's own choice (not clamped by the cap), or None without a bandit."""
+    def _plan(self, k: Tensor, retry: Tensor, grid: Tensor, arms: Tensor, played):
+        """On the host, from each sample's k and retry flag (fetched once per round): credit last round's
+        bandit decisions (``played``; a retry flag is a rejected leap), then choose this round's leaps L
+        (a rejected leap retries with L = 1); returns (L, live rows, the longest live leap, played)."""
+        N = self.steps
+        if played is not None:  # reward: steps per target call, L when accepted, 1/2 when rejected
+            ctx, L, mine, rows = played
+            reward = torch.where(retry[rows], 0.5, L.double())
+            self.bandit.update(ctx[mine], L[mine], reward[mine])
+        rows = (k < N).nonzero().squeeze(1)
+        cap = (N - 1 - k).clamp(min=1)  # leaps end at t_{N−1} at the latest
         if self.bandit is None:
-            return cap.clamp(max=self.leap), None, None
-        ctx = time_bucket(t, self.buckets)
-        chosen = self.bandit.select(ctx, limit=cap).to(cap.device)
-        return torch.minimum(chosen, cap), ctx, chosen <= cap
+            L = cap.clamp(max=self.leap)
+        else:
+            ctx = time_bucket(grid[k], self.buckets)
+            chosen = self.bandit.select(ctx, limit=cap)
+            L = torch.minimum(chosen, cap)
+            mine = (chosen <= cap) & ~retry  # credit the bandit's own decisions only (not retries, not capped)
+            played = ctx[rows], L[rows], mine[rows], rows
+        L = torch.where(retry, 1, L)
+        arms += torch.bincount(L[rows], minlength=arms.numel())
+        return L, rows, int(L[rows].max()) if rows.numel() else 0, played
 
     @staticmethod
-    def _leap(drafter, net, x: Tensor, v: Tensor, k: Tensor, L: Tensor, t: Tensor, h: Tensor, Lmax: int):
+    def _leap(drafter, net, x: Tensor, v: Tensor, k: Tensor, L: Tensor, t: Tensor, h: Tensor, L_host: Tensor,
+              Lmax: int):
         """y_L from y_0 = x with v̂_0 = v (real) and drafter velocities after, for every row of x (sample b
         is row b); a row with a shorter leap keeps its end point. ``t``, ``h``: grid times and step sizes in
-        x's dtype. Cheap drafters draft every row (no gathers, no syncs); networks only the leaping rows."""
+        x's dtype; ``L_host``: L on the host, Lmax its largest live value. Cheap drafters draft every row (no
+        gathers, no syncs); networks only the leaping rows."""
         N = h.shape[0]
         y = x + per_sample(h[k.clamp(max=N - 1)], x) * v  # j = 0: an exact Euler step
         for j in range(1, Lmax):
             kj, m = (k + j).clamp(max=N - 1), L > j
             if drafter.needs_network:
-                pos = m.nonzero().squeeze(1)
+                pos = (L_host > j).nonzero().squeeze(1).to(x.device)
                 if pos.numel():
                     y[pos] = y[pos] + per_sample(h[kj[pos]], x) * drafter(y[pos], t[kj[pos]], pos, j, net)
             else:
@@ -137,22 +153,22 @@ class SFM(Sampler):
         retry = torch.zeros(B, dtype=torch.bool, device=dev)  # a rejected leap retries with L = 1
         v = f(x, t[0], step=0)  # v_0: the one call every sampler pays
         drafter.observe(torch.arange(B, device=dev), x, t[0].expand(B), v, f.features)
-        Lmax = self.leap if self.bandit is None else max(self.arms)
-        arms = torch.zeros(Lmax + 1, dtype=torch.long, device=dev)
+        arms = torch.zeros(max(self.arms if self.bandit is not None else (self.leap,)) + 1, dtype=torch.long)
         proposed = accepted = torch.zeros((), dtype=torch.long, device=dev)
+        grid_cpu, played = grid.cpu(), None
         while True:
             last = k == N - 1  # final step to t = 1: Euler with the paid v_{N-1}, no evaluation at t = 1
             x = torch.where(per_sample(last, x), x + h[N - 1] * v, x)
             k = torch.where(last, N, k)
-            rows = (k < N).nonzero().squeeze(1)  # the round's host sync (besides the call's NaN check)
-            if rows.numel() == 0:
+            k_h, retry_h, counts = f.fetch(k, retry, torch.stack([proposed, accepted]))  # the round's one sync
+            L_h, rows_h, Lmax, played = self._plan(k_h, retry_h.bool(), grid_cpu, arms, played)
+            if Lmax == 0:  # every sample is at t = 1
                 break
-            L, ctx, own = self._choose(t[k], cap=(N - 1 - k).clamp(min=1))
-            L = torch.where(retry, 1, L)
-            y = self._leap(drafter, draft, x, v, k, L, t, h, Lmax)
+            rows, L = torch.cat([rows_h, L_h]).to(dev, non_blocking=True).split([rows_h.numel(), B])
+            y = self._leap(drafter, draft, x, v, k, L, t, h, L_h, Lmax)
             s = t[(k + L).clamp(max=N)]
             ya, sa, La = y[rows], s[rows], L[rows]
-            v_s = f(ya, sa, rows=rows, step=Steps(k, k + L - 1, k < N))  # the one target call of this round
+            v_s = f(ya, sa, rows=rows, step=(k_h + L_h)[rows_h])  # the one target call; step: of s per row
             h_s = f.features  # its trunk features (None unless the drafter reads them)
             ok = self._accept(drafter, draft, ya, sa, v_s, rows, La, Lmax)
             proposed = proposed + (La > 1).sum()
@@ -164,15 +180,9 @@ class SFM(Sampler):
             k = torch.where(acc, k + L, k)
             features = () if h_s is None else (h_s.new_zeros((B, *h_s.shape[1:])).index_copy_(0, rows, h_s),)
             drafter.observe(acc, y, s, torch.zeros_like(x).index_copy_(0, rows, v_s), *features)  # target at x̃
-            if ctx is not None:  # credit the bandit's own decisions only (not retries, not capped ones)
-                mine = (own & ~retry)[rows]
-                reward = torch.where(ok, La.to(torch.float64), 0.5)
-                self.bandit.update(ctx[rows][mine], La[mine], reward[mine])
             retry = torch.zeros_like(retry).index_copy_(0, rows, ~ok)
-            arms += torch.bincount(La, minlength=Lmax + 1)
             stats.rounds += 1
-        stats.proposed += int(proposed)
-        stats.accepted += int(accepted)
+        stats.proposed, stats.accepted = counts.tolist()
         for a, n in enumerate(arms.tolist()):
             if n:
                 stats.arm_counts[a] = stats.arm_counts.get(a, 0) + n
@@ -232,7 +242,7 @@ class RCA(SFM):
         while k < N:  # all samples move together: no check, so nothing makes them ragged
             L = min(self.leap, N - k)
             y = self._leap(drafter, draft, x, v, torch.full((B,), k, device=x.device),
-                           torch.full((B,), L, device=x.device), t, h, L)
+                           torch.full((B,), L, device=x.device), t, h, torch.full((B,), L), L)
             v_s = f(y, t[k + L], step=k)  # target at the leap's end
             x = x + (grid[k + L] - grid[k]).to(x.dtype) * (v + v_s) / 2  # trapezoid correction
             v = v_s  # reused at the corrected state: the lossy part

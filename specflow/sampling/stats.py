@@ -65,7 +65,7 @@ class Evaluator:
     def __call__(self, x: Tensor, t: Tensor, rows: Tensor | None = None, *, step=None, **context) -> Tensor:
         """v = model(x, t, cond[rows], **context); ``rows`` maps each row of x to its sample (default: all, in
         order). With ``keep_features``, ``self.features`` holds the trunk features of these rows afterwards.
-        ``step`` labels the call in error messages: an int, a ``Steps``, or a tensor with each row's step."""
+        ``step`` labels the call in error messages: an int, or a tensor with each row's grid step."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         cond = self.cond
@@ -128,18 +128,6 @@ class Evaluator:
             self.stats.total_nfe += self.rows / self.batch
         else:
             self.stats.draft_nfe += self.rows / self.batch
-
-
-class Steps:
-    """The grid steps of a ragged call (per-sample ``lo``..``hi`` over the ``live`` samples), formatted only if
-    an error message needs them: passing it as ``step=`` costs no device sync."""
-
-    def __init__(self, lo: Tensor, hi: Tensor, live: Tensor):
-        self.lo, self.hi, self.live = lo, hi, live
-
-    def __str__(self) -> str:
-        lo, hi = int(self.lo[self.live].min()), int(self.hi[self.live].max())
-        return str(lo) if lo == hi else f"{lo}..{hi}"
 
 
 def _fmt_step(step, rows: Tensor | None = None) -> str:
