@@ -3,6 +3,7 @@
     python benchmarks/speculative.py                           # toy mixture, dims 2 and 16, N = 100
     python benchmarks/speculative.py --device cuda --dims 2 64
     python benchmarks/speculative.py --overhead --model unet --device cuda   # time outside the model
+    python benchmarks/speculative.py --dispatch               # ops and host syncs per round (any device)
 
 Toy table columns (one run each, same N and η as sde):
   accept   accepted / proposed draft steps      seq/N    sequential target calls / N (latency)
@@ -11,6 +12,10 @@ Toy table columns (one run each, same N and η as sde):
 Overhead mode (plain solvers, sfm, fastflow and speculative on one model, N = --steps; heun gets N/2 steps,
 i.e. the same N target calls): ``outside`` = wall time minus the time inside model calls (synchronised on
 CUDA before and after each call, so it is an upper bound on what the sampler adds), as a share of wall.
+Dispatch mode (same samplers, 256-d toy mixture, batch 64): per round, the aten ops the sampler dispatches
+outside the model (≈ kernel launches when eager; CUDA graphs replay them as one launch each piece) and the
+host syncs (device values read on the host: fetches + syncing ops). Counted by dispatch
+(specflow/sampling/opcount.py), so a CPU run gives the same counts a GPU run would.
 """
 from __future__ import annotations
 
@@ -159,6 +164,32 @@ def overhead(args):
                       f"{100 * (1 - inside / st.wall_time_s):7.1f}% {st.wall_time_s / sde_wall:8.2f}")
 
 
+def dispatch(args):
+    """Per sampler: rounds, target calls, and per round the ops and host syncs outside the model."""
+    from specflow.sampling.opcount import OpCounter
+    model, _ = make_model("toy", 256, args.device)
+    noise = torch.randn(64, 256, device=args.device, generator=torch.Generator(args.device).manual_seed(0))
+    print(f"\nops and host syncs per round outside the model: toy mixture 256-d, batch 64, N = {args.steps}, "
+          f"torch {torch.__version__}")
+    print(f"{'sampler':>12} {'options':>32} {'rounds':>6} {'calls':>6} {'ops/round':>10} {'syncs/round':>12}")
+    configs = [("sde", {}), ("euler", {}), ("heun", dict(steps=args.steps // 2)), ("sfm", dict(leap=4, tol=0.05)),
+               ("sfm", dict(leap="bandit", tol=0.05)), ("fastflow", {})]
+    configs += [("speculative", dict(drafter=d, window=w)) for d in args.drafters for w in args.windows]
+    with torch.no_grad():
+        for name, opts in configs:
+            opts = dict(dict(steps=args.steps), **opts)
+            s = build_sampler(name, **opts)
+            s.sample(model, noise, generator=torch.Generator(args.device).manual_seed(1))  # the bandits learn
+            counter = OpCounter()
+            with counter:
+                st = s.sample(counter.exclude(model), noise, generator=torch.Generator(args.device).manual_seed(0)).stats
+            rounds = st.rounds or st.sequential_nfe  # plain solvers: a step is a round
+            syncs = len(counter.syncs) - 1 + counter.calls["Evaluator.fetch"]  # − the shell's noise check
+            shown = ", ".join(f"{k}={v}" for k, v in opts.items() if k != "steps") or "-"
+            print(f"{name:>12} {shown:>32} {rounds:6d} {st.sequential_nfe:6d} {counter.ops / rounds:10.1f} "
+                  f"{syncs / rounds:12.2f}")
+
+
 def _device_name(device: str) -> str:
     if str(device).startswith("cuda"):
         return f"{device} ({torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__})"
@@ -175,6 +206,7 @@ def main():
     ap.add_argument("--windows", nargs="+", default=["2", "4", "8", "16", "bandit"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--overhead", action="store_true", help="time outside the model instead of the toy table")
+    ap.add_argument("--dispatch", action="store_true", help="ops and host syncs per round instead of the toy table")
     ap.add_argument("--model", default="unet+toy", help="model for --overhead: unet | unet+toy (see make_model)")
     ap.add_argument("--batch", type=int, nargs="+", default=[64])
     ap.add_argument("--row-bucket", type=int, default=0, help="--overhead: also run speculative with this row_bucket")
@@ -184,7 +216,7 @@ def main():
     args.windows = [w if w == "bandit" else int(w) for w in args.windows]
     if args.threads:
         torch.set_num_threads(args.threads)
-    overhead(args) if args.overhead else toy_table(args)
+    dispatch(args) if args.dispatch else overhead(args) if args.overhead else toy_table(args)
 
 
 if __name__ == "__main__":

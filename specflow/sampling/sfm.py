@@ -51,6 +51,7 @@ from specflow.path import per_sample, x1_hat
 from specflow.sampling.bandit import POLICIES, Bandit, check_arms, time_bucket
 from specflow.sampling.base import Sampler, register
 from specflow.sampling.drafters import DRAFTERS, make_drafter
+from specflow.sampling.opcount import host_side
 
 
 def _norm(x: Tensor) -> Tensor:
@@ -102,6 +103,7 @@ class SFM(Sampler):
     def needs_features(self) -> bool:  # medusa: the target call also returns its trunk features
         return DRAFTERS[self.drafter].needs_features
 
+    @host_side
     def _plan(self, k: Tensor, retry: Tensor, grid: Tensor, arms: Tensor, played):
         """On the host, from each sample's k and retry flag (fetched once per round): credit last round's
         bandit decisions (``played``; a retry flag is a rejected leap), then choose this round's leaps L

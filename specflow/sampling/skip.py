@@ -29,6 +29,7 @@ import torch
 
 from specflow.sampling.bandit import POLICIES, Bandit, check_arms, time_bucket
 from specflow.sampling.base import Sampler, register
+from specflow.sampling.opcount import host_side
 
 
 @register
@@ -37,6 +38,7 @@ class FastFlow(Sampler):
     """Finite-difference velocity skipping with a UCB1 bandit per time bucket (see module docstring)."""
 
     name = "fastflow"
+    defer_checks = True  # each call's NaN check rides on the next error fetch
     arms: tuple = (0, 1, 2, 4, 6)
     buckets: int = 4
     policy: str = "ucb1"
@@ -62,37 +64,46 @@ class FastFlow(Sampler):
 
     def _run(self, f, x, grid, draft, generator, stats):
         N, calibrating, errors = self.steps, self.mu_ is None, []
-        v_last = t_last = slope = pending = None  # pending: (context, S) the next real call measures
+        g, t = grid.tolist(), grid.to(x.dtype)  # host times for the coefficients, device times for the model
+        v_last = p = slope = pending = None  # p: the previous real call; pending: (context, S) the next measures
         k = 0
         while k < N:
-            t_k = grid[k]
-            v_k = f(x, t_k, step=k)  # a real call
+            v_k = f(x, t[k], step=k)  # a real call
             if slope is not None:  # how far off the extrapolation from the last two real calls is here
-                e = float(((v_last + (t_k - t_last).to(x.dtype) * slope - v_k) ** 2).mean())
+                err = (v_last + (g[k] - g[p]) * slope - v_k).square().mean()
+                e = f.fetch(err)[0].tolist()  # the one host sync of a real call (with the deferred NaN checks)
                 errors.append(e)
                 if pending is not None:
-                    ctx, S = pending
-                    self.bandit.update(ctx, torch.tensor([S]), torch.tensor([self.mu_ * S - e if S else 0.0]))
+                    self._credit(*pending, e)
             if v_last is not None:
-                slope = (v_k - v_last) / (t_k - t_last).to(x.dtype)  # (v_k − v_p)/(t_k − t_p)
-            v_last, t_last = v_k, t_k
-            x = x + (grid[k + 1] - t_k).to(x.dtype) * v_k  # Euler step with the real velocity
+                slope = (v_k - v_last) / (g[k] - g[p])  # (v_k − v_p)/(t_k − t_p)
+            v_last, p = v_k, k
+            x = x + (g[k + 1] - g[k]) * v_k  # Euler step with the real velocity
             S, pending = 0, None
             if slope is not None and k <= N - 2:  # a decision needs a real call after it to be measured
-                ctx = time_bucket(t_k.reshape(1), self.buckets)
-                room = N - 2 - k  # skipped steps that still leave the last step real
-                chosen = 0 if calibrating else int(self.bandit.select(ctx, limit=torch.tensor([room])))
-                S = min(chosen, room)
-                pending = (ctx, S) if S == chosen and S in self.arms else None
+                S, pending = self._decide(g[k], N - 2 - k, calibrating)  # room: the last step stays real
             for i in range(k + 1, k + 1 + S):  # skipped steps: extrapolated velocity, zero cost
-                v_hat = v_k + (grid[i] - t_k).to(x.dtype) * slope
-                x = x + (grid[i + 1] - grid[i]).to(x.dtype) * v_hat
+                v_hat = v_k + (g[i] - g[k]) * slope
+                x = x + (g[i + 1] - g[i]) * v_hat
             stats.rounds += 1
             stats.arm_counts[S] = stats.arm_counts.get(S, 0) + 1
             k += S + 1
         if calibrating:  # μ: the median one-step-ahead extrapolation error of this plain-Euler batch
             self.mu_ = self.mu_scale * (float(torch.tensor(errors).median()) if errors else 0.0)
         return x
+
+    @host_side
+    def _decide(self, t: float, room: int, calibrating: bool):
+        """Skip length S at time t (at most ``room``) and the decision to credit, or None (calibration, or an
+        arm clamped by the room)."""
+        ctx = time_bucket(torch.tensor([t]), self.buckets)
+        chosen = 0 if calibrating else int(self.bandit.select(ctx, limit=torch.tensor([room])))
+        S = min(chosen, room)
+        return S, ((ctx, S) if S == chosen and S in self.arms else None)
+
+    @host_side
+    def _credit(self, ctx, S: int, e: float) -> None:
+        self.bandit.update(ctx, torch.tensor([S]), torch.tensor([self.mu_ * S - e if S else 0.0]))
 
     def state_dict(self) -> dict:
         return {"mu": self.mu_, "bandit": self.bandit.state_dict()}

@@ -34,6 +34,7 @@ from specflow.sampling.coupling import IsoGaussian, log_acceptance, reflect, res
 from specflow.sampling.drafters import DRAFTERS, make_drafter
 from specflow.sampling.graphs import Graphs
 from specflow.sampling.noise import NoiseTable
+from specflow.sampling.opcount import host_side
 
 
 @dataclasses.dataclass
@@ -171,6 +172,7 @@ class Speculative(Sampler):
             stats.arm_counts = dict(zip(self.arms, arms.tolist()))
         return c.x
 
+    @host_side
     def _play_bandit(self, k: Tensor, grid: Tensor, arms: Tensor, played):
         """On the host: credit last round's choices (``played``) with the steps each sample advanced per
         target call, then choose every sample's window for this round; returns (W, played)."""
@@ -310,6 +312,7 @@ class _Plan:
     """A round planned on the host from each sample's k and known (fetched once): the windows L, the last
     j evaluated, and the flat (j, sample) rows of the one target call (padded to ``bucket``)."""
 
+    @host_side
     def __init__(self, N: int, k: Tensor, known: Tensor, W, jj: Tensor, bucket: int):
         self.k, self.known = k, known
         self.L = torch.clamp(N - k, max=W) if isinstance(W, int) else torch.minimum(W, N - k)

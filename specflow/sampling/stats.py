@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
+from specflow.sampling.opcount import host_side
+
 
 @dataclass
 class SampleStats:
@@ -99,19 +101,21 @@ class Evaluator:
         if self.pending is None:
             self.pending = []
 
+    @host_side
     def fetch(self, *tensors: Tensor) -> list[Tensor]:
-        """``tensors`` (small integer/bool device tensors) on the host, copied in ONE transfer that also
-        carries the deferred output checks; raises FloatingPointError for the first call that failed."""
+        """``tensors`` (small device tensors) on the host, copied in ONE transfer (as float64: integers below
+        2^53 are exact) that also carries the deferred output checks; raises FloatingPointError for the first
+        call that failed, before anything computed from its output is returned."""
         checks, self.pending = self.pending or [], ([] if self.pending is not None else None)
-        parts = [a.reshape(-1).long() for a in tensors]
+        parts = [a.reshape(-1).double() for a in tensors]
         if checks:
-            parts.append(torch.stack([ok.all() for ok, _, _ in checks]).long())
-        host = torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.long)
+            parts.append(torch.stack([ok.all() for ok, _, _ in checks]).double())
+        host = torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.float64)
         n = host.numel() - len(checks)
         for (finite, step, t), ok in zip(checks, host[n:].tolist()):
             if not ok:
                 raise self._nonfinite(step, t, finite)
-        return [h.view(a.shape) for h, a in zip(host[:n].split([a.numel() for a in tensors]), tensors)]
+        return [h.view(a.shape).to(a.dtype) for h, a in zip(host[:n].split([a.numel() for a in tensors]), tensors)]
 
     def _nonfinite(self, step, t: Tensor, finite: Tensor) -> FloatingPointError:
         bad = ~finite.cpu()  # name the rows that failed, not the whole ragged call
