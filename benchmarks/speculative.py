@@ -134,8 +134,10 @@ def overhead(args):
         configs = [("sde", {}), ("euler", {}), ("ab2", {}), ("heun", dict(steps=args.steps // 2)),
                    ("sfm", dict(leap=4, tol=0.05)), ("fastflow", {})]
         configs += [("speculative", dict(drafter=d, window=w)) for d in args.drafters for w in args.windows]
-        if str(args.device).startswith("cuda"):  # the same round without CUDA graphs, for comparison
+        if str(args.device).startswith("cuda"):  # the same round without CUDA graphs, and fused by torch.compile
             configs += [("speculative", dict(drafter=d, window=8, cuda_graphs=False)) for d in args.drafters]
+            configs += [("speculative", dict(drafter=d, window=w, compile=True)) for d in args.drafters
+                        for w in args.windows]
         if args.row_bucket:
             configs += [("speculative", dict(drafter=d, window=w, row_bucket=args.row_bucket))
                         for d in args.drafters for w in args.windows]

@@ -46,6 +46,8 @@ def test_unknown_names_list_the_valid_ones():
     (dict(eta=0.0), "eta"), (dict(eta=1.5), "eta"), (dict(draft_eta=0.0), "draft_eta"),
     (dict(window="bandit", arms=()), "arms"), (dict(window="bandit", arms=(4, 2)), "arms"),
     (dict(row_bucket=-1), "row_bucket"), (dict(row_bucket=8.0), "row_bucket"),
+    (dict(compile=True, drafter="model"), "compile=True.*'frozen' or 'extrapolate'"),
+    (dict(compile=True, draft_eta=0.5), "compile=True.*draft_eta=None"),
 ])
 def test_bad_options(options, match):
     with pytest.raises(ValueError, match=match):

@@ -143,7 +143,7 @@ def test_transition_coefficients_match_transition_mean():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("options", [dict(drafter="frozen", window=8), dict(drafter="extrapolate", window=4),
                                      dict(drafter="frozen", window="bandit")])
-def test_cuda_graphs_replay_the_eager_round_exactly(options):
+def test_cuda_graphs_replay_the_eager_round_exactly(options):  # (compile=True on CUDA: benchmarks/gpu_check.sh)
     gm = GaussianMixture.default(dim=16)
     gm.means, gm.stds, gm.weights = gm.means.cuda(), gm.stds.cuda(), gm.weights.cuda()
     x0 = torch.randn(256, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
@@ -152,6 +152,30 @@ def test_cuda_graphs_replay_the_eager_round_exactly(options):
     assert torch.equal(runs[0].samples, runs[1].samples)
     assert [(r.stats.proposed, r.stats.accepted, r.stats.rounds, r.stats.sequential_nfe) for r in runs][0] == \
         (runs[1].stats.proposed, runs[1].stats.accepted, runs[1].stats.rounds, runs[1].stats.sequential_nfe)
+
+
+def test_compiled_round_matches_the_eager_round():
+    """compile=True fuses the same arithmetic: in float64 the chain takes the same accept/reject decisions and
+    lands within rounding of the eager samples (a wrong fusion, e.g. a dropped in-place update, would not)."""
+    gm = GaussianMixture.default(dim=4)
+    x0 = torch.randn(16, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    runs = [build_sampler("speculative", steps=8, drafter="extrapolate", window=2, compile=c).sample(
+        gm, x0, generator=torch.Generator().manual_seed(1)) for c in (False, True)]
+    torch.testing.assert_close(runs[1].samples, runs[0].samples, rtol=0, atol=1e-10)
+    assert [(r.stats.proposed, r.stats.accepted, r.stats.rounds) for r in runs][0] == \
+        (runs[1].stats.proposed, runs[1].stats.accepted, runs[1].stats.rounds)
+    assert runs[0].stats.accepted < runs[0].stats.proposed  # rejections (the coupling) were exercised
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_compiled_cuda_graphs_match_the_eager_round():
+    gm = GaussianMixture.default(dim=16)
+    gm.means, gm.stds, gm.weights = gm.means.cuda(), gm.stds.cuda(), gm.weights.cuda()
+    x0 = torch.randn(256, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(0), dtype=torch.float64)
+    runs = [build_sampler("speculative", steps=50, drafter="extrapolate", window=4, compile=c).sample(
+        gm, x0, generator=torch.Generator("cuda").manual_seed(3)) for c in (False, True)]
+    torch.testing.assert_close(runs[1].samples, runs[0].samples, rtol=0, atol=1e-10)
+    assert runs[0].stats.accepted == runs[1].stats.accepted and runs[0].stats.rounds == runs[1].stats.rounds
 
 
 def test_row_bucket_pads_the_target_call_and_counts_the_padding():

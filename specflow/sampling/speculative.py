@@ -69,6 +69,9 @@ class Speculative(Sampler):
         transition has another covariance, coupled by the general maximal coupling.
     cuda_graphs: on CUDA, replay the round's fixed-shape pieces as CUDA graphs (graphs.py) where the drafter
         predicts x̂1 (frozen, extrapolate) and the coupling is reflection; same samples, fewer launches.
+    compile: fuse the round's two pieces with torch.compile (one graph per window length, no breaks) before
+        they are captured as CUDA graphs: fewer, larger kernels per round. Each new window length pays a
+        compile (seconds) on first use; x̂1 drafters and draft_eta=None only. Not measured on a GPU yet.
     row_bucket: pad each target call to a multiple of this many rows (repeating one row; the padding is
         paid for, so it counts in total_nfe). 0: no padding. Ragged calls have a new row count almost every
         round, and conv libraries (cuDNN) plan per shape; a bucket keeps the shapes few.
@@ -90,6 +93,7 @@ class Speculative(Sampler):
     draft_eta: float | None = None
     seed: int = 0
     cuda_graphs: bool = True
+    compile: bool = False
     row_bucket: int = 0
 
     def __post_init__(self):
@@ -109,6 +113,10 @@ class Speculative(Sampler):
             raise ValueError(f"row_bucket must be an integer >= 0 (0: no padding), got {self.row_bucket!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown bandit policy {self.policy!r}; valid: {', '.join(POLICIES)}")
+        if self.compile and not (DRAFTERS[self.drafter].predicts_x1 and self.draft_eta is None):
+            raise ValueError(f"compile=True fuses the x̂1-drafter round with reflection coupling: use drafter "
+                             f"'frozen' or 'extrapolate' with draft_eta=None (got drafter={self.drafter!r}, "
+                             f"draft_eta={self.draft_eta}), or compile=False")
         self._bandit = (Bandit(self.arms, self.buckets, self.policy, self.seed)
                         if self.window == "bandit" else None)
 
@@ -151,6 +159,7 @@ class Speculative(Sampler):
                    W=torch.full((B,), self.window if self._bandit is None else 1, dtype=torch.long, device=dev))
         jj = torch.arange((max(self.arms) if self._bandit is not None else self.window) + 1, device=dev)[:, None]
         graphs = Graphs(enabled=self.cuda_graphs and x.is_cuda and drafter.predicts_x1 and self.draft_eta is None)
+        propose, settle = _compiled(type(self)) if self.compile else (type(self)._propose, type(self)._settle)
         arms = torch.zeros(len(self.arms), dtype=torch.long)
         grid_cpu, jj_cpu, played = grid.cpu(), jj.cpu(), None
         while True:
@@ -163,9 +172,9 @@ class Speculative(Sampler):
                 break
             idx = p.rows.to(dev, non_blocking=True)  # uploaded now, while the device is idle
             torch.minimum(c.W, N - c.k, out=c.L)  # = p.L, on the device
-            r = graphs(("propose", p.Lmax), lambda: self._propose(c, p, jj, tab, drafter, draft), group=p.Lmax)
+            r = graphs(("propose", p.Lmax), lambda: propose(self, c, p, jj, tab, drafter, draft), group=p.Lmax)
             self._evaluate(f, r, c, p, idx)
-            graphs(("settle", p.Lmax), lambda: self._settle(c, r, jj, drafter, keys), group=p.Lmax)
+            graphs(("settle", p.Lmax), lambda: settle(self, c, r, jj, drafter, keys), group=p.Lmax)
             stats.rounds += 1
         stats.proposed, stats.accepted = counts.tolist()
         if self._bandit is not None:
@@ -343,6 +352,23 @@ class _Chain:
     def __post_init__(self):
         self.L, self.adv = torch.zeros_like(self.k), torch.zeros_like(self.k)
         self.proposed, self.accepted = self.k.new_zeros(()), self.k.new_zeros(())
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(cls):
+    """cls._propose and cls._settle through torch.compile: each a single graph per window length."""
+    if cls not in _COMPILED:
+        def fused(fn):
+            fn = torch.compile(fn, dynamic=False)  # the window length unrolls the draft loop: one graph per length
+
+            def call(*args):
+                with torch._dynamo.config.patch(recompile_limit=64):  # every window length 1 … 16+ compiled
+                    return fn(*args)
+            return call
+        _COMPILED[cls] = fused(cls._propose), fused(cls._settle)
+    return _COMPILED[cls]
 
 
 def _step_table(grid: Tensor, eta: float, dtype) -> Tensor:
