@@ -22,6 +22,7 @@ a bandit (context: time bucket of t_k; reward: steps advanced per sequential tar
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 from torch import Tensor
@@ -361,14 +362,25 @@ def _compiled(cls):
     """cls._propose and cls._settle through torch.compile: each a single graph per window length."""
     if cls not in _COMPILED:
         def fused(fn):
-            fn = torch.compile(fn, dynamic=False)  # the window length unrolls the draft loop: one graph per length
+            compiled = torch.compile(fn, dynamic=False)  # the window length unrolls the draft loop: a graph each
 
             def call(*args):
-                with torch._dynamo.config.patch(recompile_limit=64):  # every window length 1 … 16+ compiled
-                    return fn(*args)
+                if fn not in _COMPILE_FAILED:
+                    try:
+                        with torch._dynamo.config.patch(recompile_limit=64):  # window lengths 1 … 16+ all compiled
+                            return compiled(*args)
+                    except torch._dynamo.exc.BackendCompilerFailed as e:  # raised before anything ran
+                        _COMPILE_FAILED.add(fn)
+                        warnings.warn(f"torch.compile failed on {fn.__qualname__} ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0][:200]}); running it eagerly — same samples, "
+                                      f"unfused kernels", RuntimeWarning, stacklevel=2)
+                return fn(*args)
             return call
         _COMPILED[cls] = fused(cls._propose), fused(cls._settle)
     return _COMPILED[cls]
+
+
+_COMPILE_FAILED: set = set()
 
 
 def _step_table(grid: Tensor, eta: float, dtype) -> Tensor:
