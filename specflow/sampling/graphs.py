@@ -14,17 +14,33 @@ deterministic in its Python control flow for a given key, must not synchronise w
 (update state in place), and its outputs are the captured tensors, overwritten by every replay. Keys
 with the same ``group`` (one round's pieces, always replayed in capture order) share a memory pool; other
 groups get their own, so replaying groups in any order is safe. Disabled (CPU), it just calls the function.
+
+The contract is easy to break silently (a piece that reads a tensor the sampler rebinds replays the old one),
+and CI has no GPU, so ``emulate=True`` keeps the same contract on the CPU: the second use traces the piece's
+aten ops with make_fx (tensors it reads are held by reference, Python control flow is frozen, just as in
+a capture) and later uses run the trace instead of the Python, writing into the first outputs in place.
+Tests switch it on with ``graphs.EMULATE = True``; a sampler that passes them replays what it ran eagerly.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 
+import dataclasses
+
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+EMULATE = False  # on CPU tensors, emulate capture and replay (tests); CUDA tensors always use CUDA graphs
+
+
+def for_tensor(x: torch.Tensor, enabled: bool) -> "Graphs":
+    """CUDA graphs for pieces working on tensors like ``x`` where asked for (emulated on the CPU if EMULATE)."""
+    return Graphs(enabled and (x.is_cuda or EMULATE), emulate=not x.is_cuda)
 
 
 class Graphs:
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, enabled: bool, emulate: bool = False):
+        self.enabled, self.emulate = enabled, emulate
         self.seen: set = set()
         self.captured: dict = {}  # key -> (graph, outputs of the capture)
         self.pools: dict = {}  # group -> memory pool
@@ -34,11 +50,20 @@ class Graphs:
             return fn()
         if key in self.captured:
             graph, out = self.captured[key]
-            graph.replay()
+            if self.emulate:
+                for dst, src in zip(_tensors(out), graph()):
+                    dst.copy_(src)
+            else:
+                graph.replay()
             return out
         if key not in self.seen:
             self.seen.add(key)
             return fn()
+        if self.emulate:  # trace = capture; tracing with real tensors also runs the piece once
+            held = {}
+            graph = make_fx(lambda: _tensors(held.setdefault("out", fn())))()
+            self.captured[key] = (graph, held["out"])
+            return held["out"]
         graph = torch.cuda.CUDAGraph()
         if group not in self.pools:
             self.pools[group] = torch.cuda.graph_pool_handle()
@@ -47,3 +72,14 @@ class Graphs:
         self.captured[key] = (graph, out)
         graph.replay()  # the capture only recorded the kernels
         return out
+
+
+def _tensors(out) -> list:
+    """The tensors of a piece's output (None, a tensor, a dataclass of tensors, or a list/tuple of them)."""
+    if out is None:
+        return []
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if dataclasses.is_dataclass(out):
+        out = [getattr(out, f.name) for f in dataclasses.fields(out)]
+    return [t for o in out for t in _tensors(o)]

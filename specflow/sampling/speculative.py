@@ -33,7 +33,7 @@ from specflow.sampling.bandit import POLICIES, Bandit, check_arms, time_bucket
 from specflow.sampling.base import Sampler, register
 from specflow.sampling.coupling import IsoGaussian, log_acceptance, reflect, residual_sample
 from specflow.sampling.drafters import DRAFTERS, make_drafter
-from specflow.sampling.graphs import Graphs
+from specflow.sampling.graphs import for_tensor as graphs_for
 from specflow.sampling.noise import NoiseTable
 from specflow.sampling.opcount import host_side
 
@@ -159,7 +159,7 @@ class Speculative(Sampler):
                    known=torch.zeros(B, dtype=torch.bool, device=dev),
                    W=torch.full((B,), self.window if self._bandit is None else 1, dtype=torch.long, device=dev))
         jj = torch.arange((max(self.arms) if self._bandit is not None else self.window) + 1, device=dev)[:, None]
-        graphs = Graphs(enabled=self.cuda_graphs and x.is_cuda and drafter.predicts_x1 and self.draft_eta is None)
+        graphs = graphs_for(x, self.cuda_graphs and drafter.predicts_x1 and self.draft_eta is None)
         propose, settle = _compiled(type(self)) if self.compile else (type(self)._propose, type(self)._settle)
         arms = torch.zeros(len(self.arms), dtype=torch.long)
         grid_cpu, jj_cpu, played = grid.cpu(), jj.cpu(), None
