@@ -30,7 +30,8 @@ def _stats(r):
 
 @pytest.mark.parametrize("name,options", [
     ("speculative", dict(drafter="frozen", window=8)), ("speculative", dict(drafter="extrapolate", window=4)),
-    ("speculative", dict(drafter="frozen", window="bandit"))], ids=str)
+    ("speculative", dict(drafter="frozen", window="bandit")),
+    ("sfm", dict(drafter="extrapolate", leap=4)), ("sfm", dict(drafter="frozen", leap="bandit"))], ids=str)
 def test_replayed_pieces_match_the_eager_run(monkeypatch, name, options):
     eager, replayed = _runs(monkeypatch, name, **options)
     assert torch.equal(eager.samples, replayed.samples)

@@ -16,9 +16,9 @@ with the same ``group`` (one round's pieces, always replayed in capture order) s
 groups get their own, so replaying groups in any order is safe. Disabled (CPU), it just calls the function.
 
 The contract is easy to break silently (a piece that reads a tensor the sampler rebinds replays the old one),
-and CI has no GPU, so ``emulate=True`` keeps the same contract on the CPU: the second use traces the piece's
-aten ops with make_fx (tensors it reads are held by reference, Python control flow is frozen, just as in
-a capture) and later uses run the trace instead of the Python, writing into the first outputs in place.
+and CI has no GPU, so ``emulate=True`` keeps the same contract on the CPU: the second use records the
+piece's aten ops (tensors it reads held by reference, Python control flow frozen, just as in a capture)
+and later uses replay the record instead of the Python, writing into the first outputs in place.
 Tests switch it on with ``graphs.EMULATE = True``; a sampler that passes them replays what it ran eagerly.
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ from collections.abc import Callable, Hashable
 import dataclasses
 
 import torch
-from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
 
 EMULATE = False  # on CPU tensors, emulate capture and replay (tests); CUDA tensors always use CUDA graphs
 
@@ -51,7 +52,7 @@ class Graphs:
         if key in self.captured:
             graph, out = self.captured[key]
             if self.emulate:
-                for dst, src in zip(_tensors(out), graph()):
+                for dst, src in zip(_tensors(out), graph.replay(_tensors(out))):
                     dst.copy_(src)
             else:
                 graph.replay()
@@ -59,11 +60,11 @@ class Graphs:
         if key not in self.seen:
             self.seen.add(key)
             return fn()
-        if self.emulate:  # trace = capture; tracing with real tensors also runs the piece once
-            held = {}
-            graph = make_fx(lambda: _tensors(held.setdefault("out", fn())))()
-            self.captured[key] = (graph, held["out"])
-            return held["out"]
+        if self.emulate:  # record = capture; recording also runs the piece once
+            with _Record() as graph:
+                out = fn()
+            self.captured[key] = (graph, out)
+            return out
         graph = torch.cuda.CUDAGraph()
         if group not in self.pools:
             self.pools[group] = torch.cuda.graph_pool_handle()
@@ -83,3 +84,29 @@ def _tensors(out) -> list:
     if dataclasses.is_dataclass(out):
         out = [getattr(out, f.name) for f in dataclasses.fields(out)]
     return [t for o in out for t in _tensors(o)]
+
+
+class _Record(TorchDispatchMode):
+    """The aten ops a piece runs, with the tensors they read held by reference; ``replay`` runs them again,
+    each reading the replay's own results where the record read an earlier op's (a CPU CUDA-graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func, args, kwargs or {}, out))  # keeps every recorded tensor alive: ids stay unique
+        return out
+
+    def replay(self, outputs: list) -> list:
+        now: dict = {}  # id(recorded result) -> this replay's result
+
+        def sub(a):
+            return now.get(id(a), a) if isinstance(a, torch.Tensor) else a
+        for func, args, kwargs, out in self.ops:
+            res = func(*tree_map(sub, args), **tree_map(sub, kwargs))
+            for o, r in zip(tree_leaves(out), tree_leaves(res)):
+                if isinstance(o, torch.Tensor):
+                    now[id(o)] = r
+        return [sub(t) for t in outputs]

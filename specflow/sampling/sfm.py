@@ -51,6 +51,7 @@ from specflow.path import per_sample, x1_hat
 from specflow.sampling.bandit import POLICIES, Bandit, check_arms, time_bucket
 from specflow.sampling.base import Sampler, register
 from specflow.sampling.drafters import DRAFTERS, make_drafter
+from specflow.sampling.graphs import for_tensor as graphs_for
 from specflow.sampling.opcount import host_side
 
 
@@ -65,7 +66,8 @@ class SFM(Sampler):
 
     Options: ``drafter`` (see drafters.py), ``leap`` (int ≥ 1 or "bandit"), ``arms`` (leap lengths for the
     bandit), ``tol`` (relative x̂1 tolerance, > 0), ``policy`` ("ucb1" | "thompson"), ``buckets`` (time
-    buckets = bandit contexts), ``seed`` (bandit seed). See the module docstring for the algorithm.
+    buckets = bandit contexts), ``seed`` (bandit seed), ``cuda_graphs`` (on CUDA, replay the round's two
+    fixed-shape pieces as CUDA graphs, see graphs.py; drafters without a network). See the module docstring.
     """
 
     name = "sfm"
@@ -77,6 +79,7 @@ class SFM(Sampler):
     policy: str = "ucb1"
     buckets: int = 4
     seed: int = 0
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -146,49 +149,71 @@ class SFM(Sampler):
                 y = torch.where(per_sample(m, x), y + per_sample(h[kj], x) * drafter(y, t[kj], None, j, net), y)
         return y
 
+    # The round is written for GPU latency, like speculative's: every sample stays in the batch, the host
+    # syncs once per round (fetch of k and the retry flags, then _plan on the host), and around the one
+    # target call the round is two fixed-shape pieces that update the chain in place — ``_leap`` (draft) and
+    # ``_settle`` (check, commit, observe, last step) — captured as CUDA graphs per leap length on CUDA.
     def _run(self, f, x, grid, draft, generator, stats):
         N, B, dev = self.steps, x.shape[0], x.device
         t, h = grid.to(x.dtype), grid.diff().to(x.dtype)
         drafter = make_drafter(self.drafter)
         drafter.reset(x)
-        k = torch.zeros(B, dtype=torch.long, device=dev)
-        retry = torch.zeros(B, dtype=torch.bool, device=dev)  # a rejected leap retries with L = 1
         v = f(x, t[0], step=0)  # v_0: the one call every sampler pays
         drafter.observe(torch.arange(B, device=dev), x, t[0].expand(B), v, f.features)
+        z = torch.zeros(B, dtype=torch.long, device=dev)
+        c = _Chain(x=x.clone(), v=v, k=z.clone(), retry=z.bool(), L=z.clone(), v_s=torch.zeros_like(x),
+                   counts=z.new_zeros(2))  # counts: proposed, accepted leaps
+        self._last_step(c, h)
+        graphs = graphs_for(x, self.cuda_graphs and not drafter.needs_network)
         arms = torch.zeros(max(self.arms if self.bandit is not None else (self.leap,)) + 1, dtype=torch.long)
-        proposed = accepted = torch.zeros((), dtype=torch.long, device=dev)
         grid_cpu, played = grid.cpu(), None
         while True:
-            last = k == N - 1  # final step to t = 1: Euler with the paid v_{N-1}, no evaluation at t = 1
-            x = torch.where(per_sample(last, x), x + h[N - 1] * v, x)
-            k = torch.where(last, N, k)
-            k_h, retry_h, counts = f.fetch(k, retry, torch.stack([proposed, accepted]))  # the round's one sync
-            L_h, rows_h, Lmax, played = self._plan(k_h, retry_h.bool(), grid_cpu, arms, played)
+            k_h, retry_h, counts = f.fetch(c.k, c.retry, c.counts)  # the round's one host sync
+            L_h, rows_h, Lmax, played = self._plan(k_h, retry_h, grid_cpu, arms, played)
             if Lmax == 0:  # every sample is at t = 1
                 break
-            rows, L = torch.cat([rows_h, L_h]).to(dev, non_blocking=True).split([rows_h.numel(), B])
-            y = self._leap(drafter, draft, x, v, k, L, t, h, L_h, Lmax)
-            s = t[(k + L).clamp(max=N)]
-            ya, sa, La = y[rows], s[rows], L[rows]
-            v_s = f(ya, sa, rows=rows, step=(k_h + L_h)[rows_h])  # the one target call; step: of s per row
-            h_s = f.features  # its trunk features (None unless the drafter reads them)
-            ok = self._accept(drafter, draft, ya, sa, v_s, rows, La, Lmax)
-            proposed = proposed + (La > 1).sum()
-            accepted = accepted + (ok & (La > 1)).sum()
-            x_new, v_new = self._commit(x[rows], v[rows], ya, v_s, t[k[rows]], sa)
-            acc = torch.zeros_like(retry).index_copy_(0, rows, ok)
-            x = torch.where(per_sample(acc, x), x.index_copy(0, rows, x_new), x)
-            v = torch.where(per_sample(acc, x), v.index_copy(0, rows, v_new), v)
-            k = torch.where(acc, k + L, k)
-            features = () if h_s is None else (h_s.new_zeros((B, *h_s.shape[1:])).index_copy_(0, rows, h_s),)
-            drafter.observe(acc, y, s, torch.zeros_like(x).index_copy_(0, rows, v_s), *features)  # target at x̃
-            retry = torch.zeros_like(retry).index_copy_(0, rows, ~ok)
+            c.L.copy_(L_h, non_blocking=True)  # pageable → device: staged at once, no wait on the device
+            rows = rows_h.to(dev, non_blocking=True)
+            y, s = graphs(("leap", Lmax), lambda: (self._leap(drafter, draft, c.x, c.v, c.k, c.L, t, h, L_h, Lmax),
+                                                   t[(c.k + c.L).clamp(max=N)]), group=Lmax)
+            v_s = f(y[rows], s[rows], rows=rows, step=(k_h + L_h)[rows_h])  # the one target call; step: of s
+            c.v_s.index_copy_(0, rows, v_s)  # dense again (other rows: stale, never used)
+            h_s = None if f.features is None else f.features.new_zeros((B, *f.features.shape[1:])).index_copy_(
+                0, rows, f.features)  # the trunk features, for drafters that read them
+            graphs(("settle", Lmax), lambda: self._settle(c, drafter, draft, y, s, rows, h_s, t, h, Lmax),
+                   group=Lmax)
             stats.rounds += 1
         stats.proposed, stats.accepted = counts.tolist()
         for a, n in enumerate(arms.tolist()):
             if n:
                 stats.arm_counts[a] = stats.arm_counts.get(a, 0) + n
-        return x
+        return c.x
+
+    def _settle(self, c: "_Chain", drafter, draft, y, s, rows, h_s, t, h, Lmax) -> None:
+        """Check every leap, commit the accepted ones, show the drafter the target at x̃, take last steps —
+        dense over the batch (finished samples masked), in place. Network drafters check the leaping rows only."""
+        live = c.k < self.steps
+        if drafter.needs_network:  # eager: its rows are this round's
+            ok = torch.zeros_like(live).index_copy_(
+                0, rows, self._accept(drafter, draft, y[rows], s[rows], c.v_s[rows], rows, c.L[rows], Lmax))
+        else:
+            ok = self._accept(drafter, draft, y, s, c.v_s, None, c.L, Lmax) & live
+        leaps = (c.L > 1) & live
+        c.counts += torch.stack([leaps.sum(), (ok & leaps).sum()])
+        x_new, v_new = self._commit(c.x, c.v, y, c.v_s, t[c.k], s)
+        c.x.copy_(torch.where(per_sample(ok, c.x), x_new, c.x))
+        c.v.copy_(torch.where(per_sample(ok, c.x), v_new, c.v))
+        torch.where(ok, c.k + c.L, c.k, out=c.k)
+        drafter.observe(ok, y, s, c.v_s, *(() if h_s is None else (h_s,)))  # the target at x̃ (accepted)
+        torch.logical_and(~ok, live, out=c.retry)
+        self._last_step(c, h)
+
+    def _last_step(self, c: "_Chain", h: Tensor) -> None:
+        """The final step to t = 1: Euler with the paid v_{N−1}, never an evaluation at t = 1."""
+        N = self.steps
+        last = c.k == N - 1
+        c.x.copy_(torch.where(per_sample(last, c.x), c.x + h[N - 1] * c.v, c.x))
+        c.k.masked_fill_(last, N)
 
     def _accept(self, drafter, net, y, s, v_s, rows, L, j) -> Tensor:
         """δ ≤ tol per row; L = 1 rows are exact Euler steps and always accepted."""
@@ -211,6 +236,19 @@ class SFM(Sampler):
         if "bandit" not in state:
             raise ValueError(f"expected a state with a 'bandit' entry for {self.name!r}, got keys {sorted(state)}")
         self.bandit.load_state_dict(state["bandit"])
+
+
+@dataclasses.dataclass
+class _Chain:
+    """Each sample's place in the ODE, updated in place round after round (CUDA graphs read these)."""
+
+    x: Tensor       # (B, ...) state x_k
+    v: Tensor       # (B, ...) the target's velocity at (x_k, t_k), paid for
+    k: Tensor       # (B,) grid index (N: done)
+    retry: Tensor   # (B,) bool: the last leap was rejected, so this round steps L = 1
+    L: Tensor       # (B,) this round's leap lengths (planned on the host)
+    v_s: Tensor     # (B, ...) the target at this round's leap ends (rows of the call; others stale)
+    counts: Tensor  # (2,) proposed and accepted leaps (L > 1) over the run
 
 
 @register
