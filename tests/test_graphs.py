@@ -56,3 +56,15 @@ def test_control_a_piece_that_reads_a_rebound_tensor_is_caught(monkeypatch):
     safe, _ = _runs(monkeypatch, "speculative", drafter="frozen", window=8)
     assert torch.equal(eager.samples, safe.samples)  # eagerly the rebinding is harmless …
     assert not torch.equal(replayed.samples, eager.samples)  # … replayed, it is not
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("options", [dict(drafter="extrapolate", leap=4), dict(drafter="frozen", leap="bandit")],
+                         ids=str)
+def test_sfm_cuda_graphs_replay_the_eager_round_exactly(options):
+    gm = GaussianMixture.default(dim=16)
+    gm.means, gm.stds, gm.weights = gm.means.cuda(), gm.stds.cuda(), gm.weights.cuda()
+    x0 = torch.randn(256, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    runs = [build_sampler("sfm", steps=50, cuda_graphs=g, **options).sample(gm, x0) for g in (False, True)]
+    assert torch.equal(runs[0].samples, runs[1].samples)
+    assert _stats(runs[0]) == _stats(runs[1]) and runs[0].stats.arm_counts == runs[1].stats.arm_counts
