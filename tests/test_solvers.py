@@ -1,4 +1,6 @@
 """Plain solvers against the exact flow of Gaussian data, whose ODE map is x1 = μ + s·x0."""
+import re
+
 import pytest
 import torch
 
@@ -78,3 +80,35 @@ def test_deferred_nan_check_names_the_first_bad_call(name, step):
     with pytest.raises(FloatingPointError, match=rf"NaN/Inf at step {step}(\.\.\d+)?, t=(0\.4000|\[0\.4000)"):
         build_sampler(name, steps=10).sample(nan_from_04, torch.randn(4, 2))
     assert max(calls) > 0.4  # the check was deferred: the run went on past the bad call
+
+
+class _Draft(torch.nn.Module):
+    def forward(self, x, t, cond=None):
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("name,options", [
+    ("euler", {}), ("heun", {}), ("ab2", {}), ("sde", {}), ("fastflow", dict(mu=0.01)),
+    ("speculative", dict(window="bandit", policy="thompson")), ("speculative", dict(draft_eta=0.5)),
+    ("speculative", dict(drafter="model")), ("sfm", dict(leap="bandit")), ("sfm", dict(drafter="model")),
+    ("rca", dict(drafter="model")), ("rca", {})], ids=str)
+@pytest.mark.parametrize("strict", [False, True], ids=["nan-in-nan-out", "model-raises-on-nan-input"])
+def test_nan_in_some_rows_is_reported_at_its_rows(name, options, strict):
+    """NaN only for samples with x[0] > 0 from t > 0.35 (grid of 20): every sampler reports the target's
+    FloatingPointError at those rows' steps and times — also when the check was deferred and the model then
+    raised its own error on the NaN input, and whatever a drafter or a bandit did with the NaN meanwhile."""
+    gm = GaussianMixture.default()
+
+    def model(x, t):
+        if strict and not bool(torch.isfinite(x).all()):
+            raise RuntimeError("this model rejects NaN input")
+        return torch.where((t[:, None] > 0.35) & (x[:, :1] > 0), float("nan"), 1.0) * gm(x, t)
+
+    draft = _Draft() if options.get("drafter") == "model" else None
+    with pytest.raises(FloatingPointError) as err:
+        build_sampler(name, steps=20, **options).sample(model, torch.randn(64, 2, generator=torch.Generator().manual_seed(0)),
+                                                        draft=draft)
+    m = re.match(r"target model returned NaN/Inf at step (\d+)(?:\.\.\d+)?, t=\[?(\d+\.\d+)",
+                 str(err.value))
+    assert m, str(err.value)
+    assert int(m[1]) >= 7 and float(m[2]) >= 0.4 - 1e-6, str(err.value)  # the bad rows only, not the whole call

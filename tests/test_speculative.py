@@ -5,6 +5,7 @@ on every coordinate and on random projections, and mean/covariance z-tests. A de
 (accept every draft) must be caught by the same helper: that control proves the test has power.
 """
 import math
+import warnings
 
 import pytest
 import torch
@@ -154,13 +155,19 @@ def test_cuda_graphs_replay_the_eager_round_exactly(options):  # (compile=True o
         (runs[1].stats.proposed, runs[1].stats.accepted, runs[1].stats.rounds, runs[1].stats.sequential_nfe)
 
 
-def test_compiled_round_matches_the_eager_round():
+def test_compiled_round_matches_the_eager_round(monkeypatch):
     """compile=True fuses the same arithmetic: in float64 the chain takes the same accept/reject decisions and
-    lands within rounding of the eager samples (a wrong fusion, e.g. a dropped in-place update, would not)."""
+    lands within rounding of the eager samples (a wrong fusion, e.g. a dropped in-place update, would not).
+    A compiler failure would fall back to eager with a RuntimeWarning: here that is an error."""
+    from specflow.sampling import speculative
+    monkeypatch.setattr(speculative, "_COMPILED", {})
+    monkeypatch.setattr(speculative, "_COMPILE_FAILED", set())
     gm = GaussianMixture.default(dim=4)
     x0 = torch.randn(16, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    runs = [build_sampler("speculative", steps=8, drafter="extrapolate", window=2, compile=c).sample(
-        gm, x0, generator=torch.Generator().manual_seed(1)) for c in (False, True)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        runs = [build_sampler("speculative", steps=8, drafter="extrapolate", window=2, compile=c).sample(
+            gm, x0, generator=torch.Generator().manual_seed(1)) for c in (False, True)]
     torch.testing.assert_close(runs[1].samples, runs[0].samples, rtol=0, atol=1e-10)
     assert [(r.stats.proposed, r.stats.accepted, r.stats.rounds) for r in runs][0] == \
         (runs[1].stats.proposed, runs[1].stats.accepted, runs[1].stats.rounds)

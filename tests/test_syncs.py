@@ -16,12 +16,19 @@ GM = GaussianMixture.default(dim=4, seed=0)
 NOISE_CHECK = 1  # sample() checks the noise for NaN/Inf once, before the run
 
 
+class _Draft(torch.nn.Module):  # a network drafter: the target's velocity, slightly off
+    def forward(self, x, t, cond=None):
+        return GM.velocity(x, t) * 1.01
+
+
 def _count(name, **options):
     sampler = build_sampler(name, steps=24, **options)
     noise = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
     counter = OpCounter()
+    draft = counter.exclude(_Draft()) if options.get("drafter") == "model" else None
     with counter:
-        res = sampler.sample(counter.exclude(GM.velocity), noise, generator=torch.Generator().manual_seed(1))
+        res = sampler.sample(counter.exclude(GM.velocity), noise, draft=draft,
+                             generator=torch.Generator().manual_seed(1))
     return counter, res.stats
 
 
@@ -36,7 +43,9 @@ def test_plain_solvers_never_wait_for_the_device(name):
     ("speculative", dict(drafter="frozen", window=8)), ("speculative", dict(drafter="extrapolate", window=4)),
     ("speculative", dict(drafter="extrapolate", window="bandit")),
     ("speculative", dict(drafter="frozen", window=8, row_bucket=16)),
-    ("sfm", dict(drafter="frozen", leap=4)), ("sfm", dict(drafter="extrapolate", leap="bandit"))], ids=str)
+    ("speculative", dict(drafter="model", window=4)),
+    ("sfm", dict(drafter="frozen", leap=4)), ("sfm", dict(drafter="extrapolate", leap="bandit")),
+    ("sfm", dict(drafter="model", leap=4))], ids=str)
 def test_speculative_samplers_sync_once_per_round(name, options):
     counter, stats = _count(name, **options)
     assert stats.rounds > 3
@@ -51,13 +60,16 @@ def test_fastflow_syncs_once_per_real_call():
     assert counter.calls["Evaluator.fetch"] == stats.sequential_nfe - 2  # every call after the first two
 
 
-def test_counter_sees_a_hidden_sync(monkeypatch):
-    """Control: a round that reads one device value on the host is caught."""
+@pytest.mark.parametrize("peek", [lambda k: int(k.max()), lambda k: k.tolist(), lambda k: k.cpu(),
+                                  lambda k: (k > 3).nonzero(), lambda k: k[k > 3]], ids=["int", "tolist", "cpu",
+                                                                                          "nonzero", "mask"])
+def test_counter_sees_a_hidden_sync(monkeypatch, peek):
+    """Control: a round that reads one device value on the host is caught, whichever way it reads it."""
     settle = speculative.Speculative._settle
 
     def settle_and_peek(self, c, *a):
         settle(self, c, *a)
-        int(c.k.max())
+        peek(c.k)
 
     monkeypatch.setattr(speculative.Speculative, "_settle", settle_and_peek)
     counter, stats = _count("speculative", drafter="frozen", window=8)

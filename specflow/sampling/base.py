@@ -14,6 +14,7 @@ from torch import Tensor
 
 from specflow.path import time_grid
 from specflow.sampling.noise import Generators
+from specflow.sampling.opcount import host_side
 from specflow.sampling.stats import Evaluator, SampleResult, SampleStats
 
 SAMPLERS: dict[str, type["Sampler"]] = {}
@@ -31,9 +32,10 @@ class Sampler:
     name: ClassVar[str] = "base"
     needs_draft: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False  # the drafter reads the target's trunk features (medusa)
-    # The NaN/Inf check of each target output waits for the sampler's next host sync (Evaluator.fetch) or
-    # the end of the run, so a round or a step never stops the device just to check. Samplers that read
-    # device values on the host between calls keep the check at each call (a NaN must not reach them first).
+    # The NaN/Inf check of each model output (target and draft) waits for the sampler's next host sync
+    # (Evaluator.fetch) or the end of the run, so a round or a step never stops the device just to check.
+    # Samplers that read device values on the host between calls keep the check at each call (a NaN must
+    # not reach them first); an error raised inside a run is replaced by an unchecked NaN that preceded it.
     defer_checks: ClassVar[bool] = False
     steps: int = 100
     schedule: str = "uniform"
@@ -68,13 +70,19 @@ class Sampler:
                              f"call sample(..., draft=...) (see specflow.load_draft)")
         stats = SampleStats(baseline_steps=self.steps)
         target = Evaluator(model, cond, B, stats, "target", keep_features=self.needs_features)
+        drafter = Evaluator(draft, cond, B, stats, "draft") if draft is not None else None
         if self.defer_checks:
             target.defer_checks()
-        drafter = Evaluator(draft, cond, B, stats, "draft") if draft is not None else None
-        grid = time_grid(self.steps, device=noise.device, dtype=torch.float64, schedule=self.schedule)
+            if drafter is not None:
+                drafter.defer_checks(target.pending)  # one list: checked together, in call order
+        grid = _host_grid(self.steps, self.schedule)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            x = self._run(target, noise, grid, drafter, generator, stats)
+        try:
+            with torch.no_grad():
+                x = self._run(target, noise, grid, drafter, generator, stats)
+        except Exception as e:  # a NaN the run has not checked yet may be the cause (e.g. a model that
+            target.raise_pending(e)  # asserts on its input): report the NaN, with this error as context
+            raise
         if noise.is_cuda:
             torch.cuda.synchronize(noise.device)
         stats.wall_time_s = time.perf_counter() - t0
@@ -87,6 +95,8 @@ class Sampler:
 
     def _run(self, f: Evaluator, x: Tensor, grid: Tensor, draft: Evaluator | None,
              generator: Generators, stats: SampleStats) -> Tensor:
+        """The algorithm: integrate from x (t = 0) over ``grid`` (float64, on the host; move what the device
+        needs, read the rest without a sync), calling the target only through ``f``."""
         raise NotImplementedError
 
     # Learned state (bandits). Stateless samplers have none.
@@ -96,6 +106,12 @@ class Sampler:
     def load_state_dict(self, state: dict) -> None:
         if state:
             raise ValueError(f"sampler {self.name!r} has no learned state, got keys {sorted(state)}")
+
+
+@host_side
+def _host_grid(steps: int, schedule: str) -> Tensor:
+    """The time grid in float64 on the host: samplers read it without a device sync."""
+    return time_grid(steps, dtype=torch.float64, schedule=schedule)
 
 
 def build_sampler(name: str, steps: int = 100, **options) -> Sampler:

@@ -1,16 +1,18 @@
 """What a sampler asks of the device, counted by dispatch: ops that launch kernels (aten ops other than views
-and bare allocations; a fused op may still launch a few) and the ops that make the host wait for the
-device (syncs). Counting dispatches is device-independent, so a CPU run shows where a
-GPU run would launch kernels and where it would stall (CUDA graphs, when they replay, launch fewer).
+and bare allocations; a fused op may still launch a few) and the host syncs (device values read on the
+host). Counting is device-independent, so a CPU run shows where a GPU run would launch kernels and where it
+would stall (CUDA graphs, when they replay, launch fewer).
 
     counter = OpCounter()
     with counter:
         sampler.sample(counter.exclude(model), noise)   # the model's own ops are not the sampler's
     counter.ops, counter.syncs, counter.calls["Evaluator.fetch"]
 
-Code that works on host tensors by design (a round's plan, the bandit, ``Evaluator.fetch``) is marked
-``@host_side``: its calls are counted, its ops are not (on a GPU they never touch the device; a fetch is
-one device-to-host copy, i.e. one sync, by design).
+A sync is a syncing op (``.item()``, ``nonzero``, boolean-mask indexing, …) or a copy to the host
+(``.cpu()``, ``.tolist()``, ``.numpy()``) of a device tensor. On a CPU every tensor is a host tensor, so
+the counter tracks which ones stand for host data: those made by code marked ``@host_side`` (a round's plan,
+the bandit, ``Evaluator.fetch``) and whatever is computed from them alone. Their ops are not counted and
+reading them is not a sync; a ``@host_side`` call is counted by name (a fetch is one sync, by design).
 """
 from __future__ import annotations
 
@@ -20,13 +22,16 @@ from collections import Counter
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 aten = torch.ops.aten
-# Ops whose CUDA kernels must report a value (or a size) to the host before the host can go on.
 NO_KERNEL = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default}
+# Ops whose CUDA kernels must report a value (or a size) to the host before the host can go on.
 SYNCING = {aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default,
-           aten.masked_select.default, aten.equal.default, aten.repeat_interleave.Tensor,
+           aten.masked_select.default, aten.equal.default, aten.repeat_interleave.Tensor, aten.bincount.default,
            aten._unique2.default, aten.unique_consecutive.default, aten.unique_dim.default}
+READS = ("cpu", "tolist", "numpy", "item", "__array__")  # Tensor methods that copy to the host
 _ACTIVE: list["OpCounter"] = []
 
 
@@ -49,22 +54,47 @@ class OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops, self.syncs, self.calls = 0, [], Counter()
-        self._pause = 0
+        self._pause, self._skip, self._host = 0, 0, WeakIdKeyDictionary()
+        self._methods = {}
 
     def __enter__(self):
         _ACTIVE.append(self)
+        for name in READS:  # host copies of CPU tensors are not dispatched: watch the methods themselves
+            self._methods[name] = method = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, self._watch_read(name, method))
         return super().__enter__()
 
     def __exit__(self, *exc):
+        for name, method in self._methods.items():
+            setattr(torch.Tensor, name, method)
         _ACTIVE.remove(self)
         return super().__exit__(*exc)
 
+    def _watch_read(self, name, method):
+        counter = self
+
+        @functools.wraps(method)
+        def read(tensor, *args, **kwargs):
+            if not (counter._pause or counter._skip) and tensor not in counter._host:
+                counter.syncs.append(f"Tensor.{name}")
+            with counter.paused():
+                return method(tensor, *args, **kwargs)
+        return read
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self._pause:
+        out = func(*args, **(kwargs or {}))
+        if self._skip:
+            return out
+        inputs = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if self._pause or (inputs and all(a in self._host for a in inputs)):
+            for o in tree_leaves(out):  # host data, and so is what is computed from it alone
+                if isinstance(o, torch.Tensor):
+                    self._host[o] = True
+        else:
             self.ops += not (func.is_view or func in NO_KERNEL)
             if func in SYNCING or _mask_indexing(func, args):
                 self.syncs.append(str(func))
-        return func(*args, **(kwargs or {}))
+        return out
 
     @contextlib.contextmanager
     def paused(self):
@@ -75,10 +105,13 @@ class OpCounter(TorchDispatchMode):
             self._pause -= 1
 
     def exclude(self, model):
-        """``model`` with its own ops left out of the count."""
+        """``model`` with its own ops left out of the count (its outputs are device tensors)."""
         def call(*args, **kwargs):
-            with self.paused():
+            self._skip += 1
+            try:
                 return model(*args, **kwargs)
+            finally:
+                self._skip -= 1
         for attr in ("features", "output"):  # trunk access for drafters that read features
             if callable(getattr(model, attr, None)):
                 setattr(call, attr, self.exclude(getattr(model, attr)))

@@ -117,6 +117,8 @@ class SFM(Sampler):
             reward = torch.where(retry[rows], 0.5, L.double())
             self.bandit.update(ctx[mine], L[mine], reward[mine])
         rows = (k < N).nonzero().squeeze(1)
+        if rows.numel() == 0:  # all done: no choice to make (a Thompson choice would draw)
+            return k, rows, 0, None
         cap = (N - 1 - k).clamp(min=1)  # leaps end at t_{N−1} at the latest
         if self.bandit is None:
             L = cap.clamp(max=self.leap)
@@ -142,7 +144,7 @@ class SFM(Sampler):
         for j in range(1, Lmax):
             kj, m = (k + j).clamp(max=N - 1), L > j
             if drafter.needs_network:
-                pos = (L_host > j).nonzero().squeeze(1).to(x.device)
+                pos = (L_host > j).nonzero().squeeze(1).to(x.device, non_blocking=True)
                 if pos.numel():
                     y[pos] = y[pos] + per_sample(h[kj[pos]], x) * drafter(y[pos], t[kj[pos]], pos, j, net)
             else:
@@ -155,7 +157,7 @@ class SFM(Sampler):
     # ``_settle`` (check, commit, observe, last step) — captured as CUDA graphs per leap length on CUDA.
     def _run(self, f, x, grid, draft, generator, stats):
         N, B, dev = self.steps, x.shape[0], x.device
-        t, h = grid.to(x.dtype), grid.diff().to(x.dtype)
+        t, h = grid.to(dev, x.dtype), grid.diff().to(dev, x.dtype)
         drafter = make_drafter(self.drafter)
         drafter.reset(x)
         v = f(x, t[0], step=0)  # v_0: the one call every sampler pays
@@ -166,10 +168,10 @@ class SFM(Sampler):
         self._last_step(c, h)
         graphs = graphs_for(x, self.cuda_graphs and not drafter.needs_network)
         arms = torch.zeros(max(self.arms if self.bandit is not None else (self.leap,)) + 1, dtype=torch.long)
-        grid_cpu, played = grid.cpu(), None
+        played = None
         while True:
             k_h, retry_h, counts = f.fetch(c.k, c.retry, c.counts)  # the round's one host sync
-            L_h, rows_h, Lmax, played = self._plan(k_h, retry_h, grid_cpu, arms, played)
+            L_h, rows_h, Lmax, played = self._plan(k_h, retry_h, grid, arms, played)
             if Lmax == 0:  # every sample is at t = 1
                 break
             c.L.copy_(L_h, non_blocking=True)  # pageable → device: staged at once, no wait on the device
@@ -275,7 +277,7 @@ class RCA(SFM):
         drafter = make_drafter(self.drafter)
         drafter.reset(x)
         rows = torch.arange(B, device=x.device)
-        t, h = grid.to(x.dtype), grid.diff().to(x.dtype)
+        t, h, g = grid.to(x.device, x.dtype), grid.diff().to(x.device, x.dtype), grid.tolist()
         v = f(x, t[0], step=0)
         drafter.observe(rows, x, t[0].expand(B), v, f.features)
         k = 0
@@ -283,8 +285,8 @@ class RCA(SFM):
             L = min(self.leap, N - k)
             y = self._leap(drafter, draft, x, v, torch.full((B,), k, device=x.device),
                            torch.full((B,), L, device=x.device), t, h, torch.full((B,), L), L)
-            v_s = f(y, t[k + L], step=k)  # target at the leap's end
-            x = x + (grid[k + L] - grid[k]).to(x.dtype) * (v + v_s) / 2  # trapezoid correction
+            v_s = f(y, t[k + L], step=k + L)  # target at the leap's end (step: the grid index of its time)
+            x = x + (g[k + L] - g[k]) * (v + v_s) / 2  # trapezoid correction
             v = v_s  # reused at the corrected state: the lossy part
             drafter.observe(rows, y, t[k + L].expand(B), v_s, f.features)
             stats.rounds += 1

@@ -64,7 +64,7 @@ class FastFlow(Sampler):
 
     def _run(self, f, x, grid, draft, generator, stats):
         N, calibrating, errors = self.steps, self.mu_ is None, []
-        g, t = grid.tolist(), grid.to(x.dtype)  # host times for the coefficients, device times for the model
+        g, t = grid.tolist(), grid.to(x.device, x.dtype)  # host times for the coefficients, device ones for the model
         v_last = p = slope = pending = None  # p: the previous real call; pending: (context, S) the next measures
         k = 0
         while k < N:

@@ -26,7 +26,7 @@ class Euler(Sampler):
     defer_checks = True
 
     def _run(self, f, x, grid, draft, generator, stats):
-        t, h = grid.to(x.dtype), grid.diff().tolist()
+        t, h = grid.to(x.device, x.dtype), grid.diff().tolist()
         for k in range(self.steps):
             x = x.add(f(x, t[k], step=k), alpha=h[k])  # Euler step
         return x
@@ -41,7 +41,7 @@ class Heun(Sampler):
     defer_checks = True
 
     def _run(self, f, x, grid, draft, generator, stats):
-        t, h = grid.to(x.dtype), grid.diff().tolist()
+        t, h = grid.to(x.device, x.dtype), grid.diff().tolist()
         for k in range(self.steps):
             d_cur = f(x, t[k], step=k)
             x_next = x.add(d_cur, alpha=h[k])  # Euler step
@@ -59,7 +59,7 @@ class AB2(Sampler):
     defer_checks = True
 
     def _run(self, f, x, grid, draft, generator, stats):
-        t, h = grid.to(x.dtype), grid.diff().tolist()
+        t, h = grid.to(x.device, x.dtype), grid.diff().tolist()
         d_prev = None
         for k in range(self.steps):
             d_cur = f(x, t[k], step=k)
@@ -89,7 +89,7 @@ class SDE(Sampler):
 
     def _run(self, f, x, grid, draft, generator, stats):
         noise = NoiseTable(self.steps, x, generator)
-        t = grid.to(x.dtype)
+        t = grid.to(x.device, x.dtype)
         a, b, c = (z.tolist() for z in transition_coefficients(grid[:-1], grid[1:], self.eta))
         for k in range(self.steps):
             x = (x * a[k]).add_(f(x, t[k], step=k), alpha=b[k]).add_(noise.eps[k], alpha=c[k])

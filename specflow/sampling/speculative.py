@@ -84,7 +84,6 @@ class Speculative(Sampler):
     """
 
     name = "speculative"
-    defer_checks = True  # each call's NaN check rides on the next round's fetch
     eta: float = 1.0
     drafter: str = "extrapolate"
     window: int | str = 8
@@ -122,6 +121,10 @@ class Speculative(Sampler):
                         if self.window == "bandit" else None)
 
     @property
+    def defer_checks(self) -> bool:  # each call's NaN check rides on the next round's fetch; the general
+        return self.draft_eta is None  # coupling's residual draws would spin on a NaN mean first
+
+    @property
     def needs_draft(self) -> bool:
         return DRAFTERS[self.drafter].needs_network
 
@@ -149,30 +152,30 @@ class Speculative(Sampler):
     def _run(self, f, x, grid, draft, generator, stats):
         N, B, dev = self.steps, x.shape[0], x.device
         noise = NoiseTable(N, x, generator, uniforms=True)  # ε_k, u_k per (grid step, sample)
-        tab = dict(t=grid.to(x.dtype), P=_step_table(grid, self.eta, x.dtype), eps=noise.eps,
+        tab = dict(t=grid.to(dev, x.dtype), P=_step_table(grid, self.eta, x), eps=noise.eps,
                    eps_sq=0.5 * _sqnorm(noise.eps), log_u=noise.u.log())
-        tab["Q"] = tab["P"] if self.draft_eta is None else _step_table(grid, self.draft_eta, x.dtype)
+        tab["Q"] = tab["P"] if self.draft_eta is None else _step_table(grid, self.draft_eta, x)
         keys = keyed.sample_keys(generator, B, x) if self.draft_eta is not None else None
         drafter = make_drafter(self.drafter)
         drafter.reset(x)
         c = _Chain(x=x.clone(), v=torch.zeros_like(x), k=torch.zeros(B, dtype=torch.long, device=dev),
                    known=torch.zeros(B, dtype=torch.bool, device=dev),
                    W=torch.full((B,), self.window if self._bandit is None else 1, dtype=torch.long, device=dev))
-        jj = torch.arange((max(self.arms) if self._bandit is not None else self.window) + 1, device=dev)[:, None]
+        jj_cpu = torch.arange((max(self.arms) if self._bandit is not None else self.window) + 1)[:, None]
+        jj = jj_cpu.to(dev)
         graphs = graphs_for(x, self.cuda_graphs and drafter.predicts_x1 and self.draft_eta is None)
         propose, settle = _compiled(type(self)) if self.compile else (type(self)._propose, type(self)._settle)
         arms = torch.zeros(len(self.arms), dtype=torch.long)
-        grid_cpu, jj_cpu, played = grid.cpu(), jj.cpu(), None
+        played = None
         while True:
-            k, known, counts = f.fetch(c.k, c.known, torch.stack([c.proposed, c.accepted]))  # the one sync
+            k, known, counts = f.fetch(c.k, c.known, c.counts)  # the round's one host sync
             if self._bandit is not None:
-                W, played = self._play_bandit(k, grid_cpu, arms, played)
+                W, played = self._play_bandit(k, grid, arms, played)
                 c.W.copy_(W, non_blocking=True)  # pageable → device: staged at once, no wait on the device
-            p = _Plan(N, k, known.bool(), W if self._bandit is not None else self.window, jj_cpu, self.row_bucket)
+            p = _Plan(N, k, known, W if self._bandit is not None else self.window, jj_cpu, self.row_bucket)
             if p.Lmax == 0:  # every sample is at t = 1
                 break
             idx = p.rows.to(dev, non_blocking=True)  # uploaded now, while the device is idle
-            torch.minimum(c.W, N - c.k, out=c.L)  # = p.L, on the device
             r = graphs(("propose", p.Lmax), lambda: propose(self, c, p, jj, tab, drafter, draft), group=p.Lmax)
             self._evaluate(f, r, c, p, idx)
             graphs(("settle", p.Lmax), lambda: settle(self, c, r, jj, drafter, keys), group=p.Lmax)
@@ -191,6 +194,8 @@ class Speculative(Sampler):
             ctx, W, k0 = played
             fits = W <= N - k0  # an arm clamped at the end of the grid (or a finished sample): no credit
             self._bandit.update(ctx[fits], W[fits], (k - k0)[fits].double())
+        if not bool((k < N).any()):  # all done: no choice to make (a Thompson choice would draw)
+            return torch.zeros_like(k), None
         ctx = time_bucket(grid[k], self.buckets)
         W = self._bandit.select(ctx, limit=N - k)
         arms += torch.bincount(self._bandit.index(W[k < N]), minlength=len(arms))
@@ -198,6 +203,7 @@ class Speculative(Sampler):
 
     def _propose(self, c: "_Chain", p: "_Plan", jj, tab, drafter, draft) -> _Round:
         """The draft of this round (fixed shapes for a given p.Lmax, no sync)."""
+        torch.minimum(c.W, self.steps - c.k, out=c.L)  # = p.L, on the device
         r = self._draft(c.x, c.v, c.known, c.k, p, jj, tab, drafter, draft)
         r.last = torch.where(c.k + c.L < self.steps, c.L, c.L - 1)  # = p.last
         r.V = torch.zeros_like(r.Y)
@@ -224,8 +230,7 @@ class Speculative(Sampler):
         x, rej = self._next_state(r, a, c.L, c.k, keys)
         self._observe(drafter, r, a, c.known)
         ex = c.known.long()  # the target's own step is neither proposed nor accepted
-        c.proposed += (torch.minimum(a + 1, c.L) - ex).sum()
-        c.accepted += (a - ex).sum()
+        c.counts += torch.stack([(torch.minimum(a + 1, c.L) - ex).sum(), (a - ex).sum()])
         torch.where(rej, a + 1, c.L, out=c.adv)
         c.x.copy_(x)
         c.v.copy_(r.V[c.L, r.ar])
@@ -263,7 +268,7 @@ class Speculative(Sampler):
             v_hat = v.clone() if j == 0 else torch.zeros_like(y)
             pos = ((p.L > j) & ~p.known if j == 0 else p.L > j).nonzero().squeeze(1)  # planned on the host
             if pos.numel():
-                pos = pos.to(x.device)
+                pos = pos.to(x.device, non_blocking=True)
                 v_hat[pos] = drafter(y[pos], S[j, pos], pos, j, draft)
             torch.addcmul(ce[j], a_q[j], y, out=r.Y[j + 1])
             r.Y[j + 1].addcmul_(b_q[j], v_hat)
@@ -347,12 +352,11 @@ class _Chain:
     W: Tensor      # (B,) window asked for
     L: Tensor = None    # (B,) window this round: min(W, N − k)
     adv: Tensor = None  # (B,) steps advanced this round
-    proposed: Tensor = None  # () counts of draft steps over the run
-    accepted: Tensor = None
+    counts: Tensor = None  # (2,) draft steps proposed and accepted over the run
 
     def __post_init__(self):
         self.L, self.adv = torch.zeros_like(self.k), torch.zeros_like(self.k)
-        self.proposed, self.accepted = self.k.new_zeros(()), self.k.new_zeros(())
+        self.counts = self.k.new_zeros(2)
 
 
 _COMPILED: dict = {}
@@ -362,14 +366,14 @@ def _compiled(cls):
     """cls._propose and cls._settle through torch.compile: each a single graph per window length."""
     if cls not in _COMPILED:
         def fused(fn):
-            compiled = torch.compile(fn, dynamic=False)  # the window length unrolls the draft loop: a graph each
+            compiled = torch.compile(fn, dynamic=False, fullgraph=True)  # a graph per window length (unrolled)
 
             def call(*args):
                 if fn not in _COMPILE_FAILED:
                     try:
                         with torch._dynamo.config.patch(recompile_limit=64):  # window lengths 1 … 16+ all compiled
                             return compiled(*args)
-                    except torch._dynamo.exc.BackendCompilerFailed as e:  # raised before anything ran
+                    except torch._dynamo.exc.TorchDynamoException as e:  # tracing/compiling: before anything ran
                         _COMPILE_FAILED.add(fn)
                         warnings.warn(f"torch.compile failed on {fn.__qualname__} ({type(e).__name__}: "
                                       f"{str(e).splitlines()[0][:200]}); running it eagerly — same samples, "
@@ -383,10 +387,11 @@ def _compiled(cls):
 _COMPILE_FAILED: set = set()
 
 
-def _step_table(grid: Tensor, eta: float, dtype) -> Tensor:
-    """(N, 4): a, b, c, 1/(2c²) of every grid step's transition (∞ at c = 0), computed once in float64."""
+def _step_table(grid: Tensor, eta: float, like: Tensor) -> Tensor:
+    """(N, 4): a, b, c, 1/(2c²) of every grid step's transition (∞ at c = 0), computed once in float64 on the
+    host, then moved to ``like``'s device and dtype."""
     a, b, c = transition_coefficients(grid[:-1], grid[1:], eta)
-    return torch.stack([a, b, c, torch.where(c > 0, 0.5 / c.square(), torch.inf)], 1).to(dtype)
+    return torch.stack([a, b, c, torch.where(c > 0, 0.5 / c.square(), torch.inf)], 1).to(like.device, like.dtype)
 
 
 def _sqnorm(a: Tensor) -> Tensor:

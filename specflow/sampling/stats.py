@@ -54,7 +54,7 @@ class Evaluator:
                  keep_features: bool = False):
         self.model, self.cond, self.batch, self.stats, self.kind = model, cond, batch, stats, kind
         self.calls, self.rows = 0, 0
-        self.pending: list | None = None  # deferred output checks (see defer_checks)
+        self.pending: list | None = None  # deferred output checks (see defer_checks), oldest first
         # Drafters that read the target's trunk (medusa) need v = output(h), h = features(x, t, cond), and h.
         self.keep_features, self.features = keep_features, None
         has_trunk = callable(getattr(model, "features", None)) and callable(getattr(model, "output", None))
@@ -89,40 +89,45 @@ class Evaluator:
         v = v.to(x.dtype)
         finite = torch.isfinite(v).flatten(1).all(1)  # per row, so that an error can name the bad rows
         if self.pending is not None:
-            self.pending.append((finite, step, t))
+            self.pending.append((self.kind, finite, step, t))
         elif not bool(finite.all()):
-            raise self._nonfinite(step, t, finite)
+            raise _nonfinite(self.kind, step, t, finite)
         return v
 
-    def defer_checks(self) -> None:
+    def defer_checks(self, pending: list | None = None) -> None:
         """From now on, check outputs for NaN/Inf at the next ``fetch`` instead of at each call: a sampler
         that syncs with the host once per round folds the check into that one copy. A NaN then surfaces one
-        round late, still naming the step and t of the call that made it (``finish`` checks what is left)."""
-        if self.pending is None:
-            self.pending = []
+        round late, still naming the step and t of the call that made it (``finish`` checks what is left).
+        Evaluators given the same ``pending`` list (target and draft) are checked together, in call order."""
+        self.pending = [] if pending is None else pending
+
+    def raise_pending(self, cause: BaseException) -> None:
+        """While ``cause`` propagates out of a run: if a deferred check fails, that NaN is the real error."""
+        if self.pending:
+            try:
+                self.fetch()
+            except FloatingPointError as e:
+                raise e from cause
+            except Exception:  # the device itself failed (e.g. a CUDA error): keep the original error
+                pass
 
     @host_side
     def fetch(self, *tensors: Tensor) -> list[Tensor]:
         """``tensors`` (small device tensors) on the host, copied in ONE transfer (as float64: integers below
         2^53 are exact) that also carries the deferred output checks; raises FloatingPointError for the first
         call that failed, before anything computed from its output is returned."""
-        checks, self.pending = self.pending or [], ([] if self.pending is not None else None)
+        checks = list(self.pending or ())
+        if checks:
+            self.pending.clear()  # in place: a draft evaluator may share the list
         parts = [a.reshape(-1).double() for a in tensors]
         if checks:
-            parts.append(torch.stack([ok.all() for ok, _, _ in checks]).double())
+            parts.append(torch.stack([ok.all() for _, ok, _, _ in checks]).double())
         host = torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.float64)
         n = host.numel() - len(checks)
-        for (finite, step, t), ok in zip(checks, host[n:].tolist()):
+        for (kind, finite, step, t), ok in zip(checks, host[n:].tolist()):
             if not ok:
-                raise self._nonfinite(step, t, finite)
+                raise _nonfinite(kind, step, t, finite)
         return [h.view(a.shape).to(a.dtype) for h, a in zip(host[:n].split([a.numel() for a in tensors]), tensors)]
-
-    def _nonfinite(self, step, t: Tensor, finite: Tensor) -> FloatingPointError:
-        bad = ~finite.cpu()  # name the rows that failed, not the whole ragged call
-        return FloatingPointError(
-            f"{self.kind} model returned NaN/Inf at step {_fmt_step(step, bad)}, t={_fmt_t(t.cpu()[bad])}; "
-            f"check the checkpoint "
-            f"(was training stable?) and the input noise, or run in float32 instead of half precision")
 
     def finish(self) -> None:
         if self.pending:
@@ -132,6 +137,13 @@ class Evaluator:
             self.stats.total_nfe += self.rows / self.batch
         else:
             self.stats.draft_nfe += self.rows / self.batch
+
+
+def _nonfinite(kind: str, step, t: Tensor, finite: Tensor) -> FloatingPointError:
+    bad = ~finite.cpu()  # name the rows that failed, not the whole ragged call
+    return FloatingPointError(
+        f"{kind} model returned NaN/Inf at step {_fmt_step(step, bad)}, t={_fmt_t(t.cpu()[bad])}; check the "
+        f"checkpoint (was training stable?) and the input noise, or run in float32 instead of half precision")
 
 
 def _fmt_step(step, rows: Tensor | None = None) -> str:
