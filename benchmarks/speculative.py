@@ -133,11 +133,13 @@ def overhead(args):
         noise = torch.randn(batch, *shape, device=args.device, generator=torch.Generator(args.device).manual_seed(0))
         configs = [("sde", {}), ("euler", {}), ("ab2", {}), ("heun", dict(steps=args.steps // 2)),
                    ("sfm", dict(leap=4, tol=0.05)), ("fastflow", {})]
+        if str(args.device).startswith("cuda"):
+            configs += [("sfm", dict(leap=4, tol=0.05, cuda_graphs=False))]
         configs += [("speculative", dict(drafter=d, window=w)) for d in args.drafters for w in args.windows]
         if str(args.device).startswith("cuda"):  # the same round without CUDA graphs, and fused by torch.compile
             configs += [("speculative", dict(drafter=d, window=8, cuda_graphs=False)) for d in args.drafters]
-            configs += [("speculative", dict(drafter=d, window=w, compile=True)) for d in args.drafters
-                        for w in args.windows]
+            configs += [("speculative", dict(drafter=d, window=8, compile=True)) for d in args.drafters]  # compiles
+            #            a graph per window length 1…8 in the warm-up run (seconds each)
         if args.row_bucket:
             configs += [("speculative", dict(drafter=d, window=w, row_bucket=args.row_bucket))
                         for d in args.drafters for w in args.windows]
