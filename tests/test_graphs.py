@@ -1,5 +1,5 @@
-"""The CUDA-graph contract, checked on the CPU: ``graphs.EMULATE`` captures each piece with make_fx (tensors
-held by reference, Python frozen) and replays the trace, as a CUDA graph would. A sampler whose pieces obey
+"""The CUDA-graph contract, checked on the CPU: ``graphs.EMULATE`` records each piece's aten ops at its capture
+(tensors held by reference, Python frozen) and replays the record, as a CUDA graph would. A sampler whose pieces obey
 the contract replays exactly what it runs eagerly; a control that breaks it (rebinds a tensor a captured
 piece reads) is caught. The real CUDA graphs are checked against eager on a GPU in test_speculative.py."""
 import dataclasses
@@ -25,7 +25,8 @@ def _runs(monkeypatch, name, **options):
 
 
 def _stats(r):
-    return r.stats.proposed, r.stats.accepted, r.stats.rounds, r.stats.sequential_nfe, r.stats.total_nfe
+    return (r.stats.proposed, r.stats.accepted, r.stats.rounds, r.stats.sequential_nfe, r.stats.total_nfe,
+            r.stats.arm_counts)
 
 
 @pytest.mark.parametrize("name,options", [
@@ -40,14 +41,14 @@ def test_replayed_pieces_match_the_eager_run(monkeypatch, name, options):
 
 @dataclasses.dataclass
 class _Rebinding(Speculative):
-    """Graph-unsafe on purpose: the new state is a new tensor, so a replayed draft keeps reading the old one."""
+    """Graph-unsafe on purpose: between the pieces (eager code) the state becomes a new tensor, so the
+    replayed pieces keep reading and writing the old one."""
 
     name = "_rebinding"
 
-    def _settle(self, c, r, jj, drafter, keys):
-        x = c.x.clone()
-        c.x = x  # the captured draft piece still holds the previous c.x
-        super()._settle(c, r, jj, drafter, keys)
+    def _evaluate(self, f, r, c, p, idx):
+        super()._evaluate(f, r, c, p, idx)
+        c.x = c.x.clone()
 
 
 def test_control_a_piece_that_reads_a_rebound_tensor_is_caught(monkeypatch):
@@ -68,3 +69,20 @@ def test_sfm_cuda_graphs_replay_the_eager_round_exactly(options):
     runs = [build_sampler("sfm", steps=50, cuda_graphs=g, **options).sample(gm, x0) for g in (False, True)]
     assert torch.equal(runs[0].samples, runs[1].samples)
     assert _stats(runs[0]) == _stats(runs[1]) and runs[0].stats.arm_counts == runs[1].stats.arm_counts
+
+
+def test_a_piece_that_waits_for_the_device_is_refused(monkeypatch):
+    """A CUDA capture refuses host syncs; the emulation does too (control for the contract's third rule)."""
+    monkeypatch.setattr(graphs, "EMULATE", True)
+
+    @dataclasses.dataclass
+    class _Peeking(Speculative):
+        name = "_peeking"
+
+        def _settle(self, c, r, jj, drafter, keys):
+            super()._settle(c, r, jj, drafter, keys)
+            c.k[c.k > 1000] = 0  # boolean-mask indexing: a nonzero, i.e. a sync
+
+    monkeypatch.setitem(SAMPLERS, "_peeking", _Peeking)
+    with pytest.raises(RuntimeError, match="must not wait for the device"):
+        build_sampler("_peeking", steps=50).sample(GM, X0, generator=torch.Generator().manual_seed(3))

@@ -74,3 +74,17 @@ def test_counter_sees_a_hidden_sync(monkeypatch, peek):
     monkeypatch.setattr(speculative.Speculative, "_settle", settle_and_peek)
     counter, stats = _count("speculative", drafter="frozen", window=8)
     assert len(counter.syncs) == NOISE_CHECK + stats.rounds
+
+
+def test_counter_sees_a_read_of_an_uploaded_tensor(monkeypatch):
+    """Control: the rows uploaded from the host plan are device data once uploaded (on a CPU ``.to`` returns
+    the same object, the counter copies it), so reading them back is a sync."""
+    evaluate = speculative.Speculative._evaluate
+
+    def evaluate_and_peek(self, f, r, c, p, idx):
+        evaluate(self, f, r, c, p, idx)
+        idx.tolist()
+
+    monkeypatch.setattr(speculative.Speculative, "_evaluate", evaluate_and_peek)
+    counter, stats = _count("speculative", drafter="frozen", window=8)
+    assert len(counter.syncs) == NOISE_CHECK + stats.rounds

@@ -95,6 +95,10 @@ class _Record(TorchDispatchMode):
         self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from specflow.sampling.opcount import SYNCING, _mask_indexing
+        if func in SYNCING or _mask_indexing(func, args):  # what a CUDA capture refuses
+            raise RuntimeError(f"a captured piece must not wait for the device, but it ran {func}; move it out "
+                               f"of the piece (plan on the host) or use a fixed-shape form (torch.where)")
         out = func(*args, **(kwargs or {}))
         self.ops.append((func, args, kwargs or {}, out))  # keeps every recorded tensor alive: ids stay unique
         return out

@@ -9,7 +9,8 @@ would stall (CUDA graphs, when they replay, launch fewer).
     counter.ops, counter.syncs, counter.calls["Evaluator.fetch"]
 
 A sync is a syncing op (``.item()``, ``nonzero``, boolean-mask indexing, …) or a copy to the host
-(``.cpu()``, ``.tolist()``, ``.numpy()``) of a device tensor. On a CPU every tensor is a host tensor, so
+(``.cpu()``, ``.tolist()``, ``.numpy()``, ``host.copy_(device)``) of a device tensor (``.to("cpu")`` is not
+seen: on a CPU it cannot be told from ``.to(device)``). On a CPU every tensor is a host tensor, so
 the counter tracks which ones stand for host data: those made by code marked ``@host_side`` (a round's plan,
 the bandit, ``Evaluator.fetch``) and whatever is computed from them alone. Their ops are not counted and
 reading them is not a sync; a ``@host_side`` call is counted by name (a fetch is one sync, by design).
@@ -58,10 +59,14 @@ class OpCounter(TorchDispatchMode):
         self._methods = {}
 
     def __enter__(self):
+        if _ACTIVE:
+            raise RuntimeError("OpCounter does not nest: one counter at a time")
         _ACTIVE.append(self)
         for name in READS:  # host copies of CPU tensors are not dispatched: watch the methods themselves
             self._methods[name] = method = getattr(torch.Tensor, name)
             setattr(torch.Tensor, name, self._watch_read(name, method))
+        self._methods["to"] = to = torch.Tensor.to
+        torch.Tensor.to = self._watch_to(to)
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -81,6 +86,24 @@ class OpCounter(TorchDispatchMode):
                 return method(tensor, *args, **kwargs)
         return read
 
+    def _watch_to(self, method):
+        """``host.to(device)`` is an upload: its result is device data (on a CPU ``.to`` may return the same
+        object, so it is copied here, as a GPU would). A device tensor's ``.to(...)`` cannot be told apart from
+        a download on a CPU (the device is "cpu" either way): it is taken to stay on the device."""
+        counter = self
+
+        def to(tensor, *args, **kwargs):
+            out = method(tensor, *args, **kwargs)
+            moved = any(isinstance(a, (str, torch.device)) for a in (*args, kwargs.get("device")))
+            if moved and tensor in counter._host and not (counter._pause or counter._skip):
+                counter._skip += 1
+                try:
+                    return out.clone() if out is tensor else out
+                finally:
+                    counter._skip -= 1
+            return out
+        return to
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if self._skip:
@@ -92,7 +115,8 @@ class OpCounter(TorchDispatchMode):
                     self._host[o] = True
         else:
             self.ops += not (func.is_view or func in NO_KERNEL)
-            if func in SYNCING or _mask_indexing(func, args):
+            if func in SYNCING or _mask_indexing(func, args) or (  # or a device tensor copied into host data
+                    func is aten.copy_.default and args[0] in self._host and args[1] not in self._host):
                 self.syncs.append(str(func))
         return out
 

@@ -163,7 +163,8 @@ class SFM(Sampler):
         v = f(x, t[0], step=0)  # v_0: the one call every sampler pays
         drafter.observe(torch.arange(B, device=dev), x, t[0].expand(B), v, f.features)
         z = torch.zeros(B, dtype=torch.long, device=dev)
-        c = _Chain(x=x.clone(), v=v, k=z.clone(), retry=z.bool(), L=z.clone(), v_s=torch.zeros_like(x),
+        # the chain owns its tensors (v is written in place later; a model may keep its output buffer)
+        c = _Chain(x=x.clone(), v=v.clone(), k=z.clone(), retry=z.bool(), L=z.clone(), v_s=torch.zeros_like(x),
                    counts=z.new_zeros(2))  # counts: proposed, accepted leaps
         self._last_step(c, h)
         graphs = graphs_for(x, self.cuda_graphs and not drafter.needs_network)
