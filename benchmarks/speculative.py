@@ -138,11 +138,13 @@ def overhead(args):
         configs += [("speculative", dict(drafter=d, window=w)) for d in args.drafters for w in args.windows]
         if str(args.device).startswith("cuda"):  # the same round without CUDA graphs, and fused by torch.compile
             configs += [("speculative", dict(drafter=d, window=8, cuda_graphs=False)) for d in args.drafters]
-            configs += [("speculative", dict(drafter=d, window=8, compile=True)) for d in args.drafters]  # compiles
-            #            a graph per window length 1…8 in the warm-up run (seconds each)
+            if args.compile:  # compiles a graph per window length 1…8 in the warm-up run (seconds each)
+                configs += [("speculative", dict(drafter=d, window=8, compile=True)) for d in args.drafters]
         if args.row_bucket:
             configs += [("speculative", dict(drafter=d, window=w, row_bucket=args.row_bucket))
                         for d in args.drafters for w in args.windows]
+        if args.only:  # sde stays: the wall-time ratios are against it
+            configs = [(n, o) for n, o in configs if n in set(args.only) | {"sde"}]
         sde_wall = None
         with torch.no_grad():
             for name, opts in configs:
@@ -215,6 +217,8 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[64])
     ap.add_argument("--row-bucket", type=int, default=0, help="--overhead: also run speculative with this row_bucket")
     ap.add_argument("--repeats", type=int, default=3, help="--overhead: timed runs per sampler (the best is shown)")
+    ap.add_argument("--compile", action="store_true", help="--overhead on CUDA: also speculative compile=True rows")
+    ap.add_argument("--only", nargs="+", default=None, help="--overhead: only these samplers (names)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = ap.parse_args()
     args.windows = [w if w == "bandit" else int(w) for w in args.windows]
