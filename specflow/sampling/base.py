@@ -36,7 +36,7 @@ class Sampler:
     # (Evaluator.fetch) or the end of the run, so a round or a step never stops the device just to check.
     # Samplers that read device values on the host between calls keep the check at each call (a NaN must
     # not reach them first); an error raised inside a run is replaced by an unchecked NaN that preceded it.
-    defer_checks: ClassVar[bool] = False
+    defers_checks: ClassVar[bool] = False
     steps: int = 100
     schedule: str = "uniform"
 
@@ -71,7 +71,7 @@ class Sampler:
         stats = SampleStats(baseline_steps=self.steps)
         target = Evaluator(model, cond, B, stats, "target", keep_features=self.needs_features)
         drafter = Evaluator(draft, cond, B, stats, "draft") if draft is not None else None
-        if self.defer_checks:
+        if self.defers_checks:
             target.defer_checks()
             if drafter is not None:
                 drafter.defer_checks(target.pending)  # one list: checked together, in call order

@@ -71,7 +71,7 @@ class SFM(Sampler):
     """
 
     name = "sfm"
-    defer_checks = True  # each call's NaN check rides on the next round's fetch
+    defers_checks = True  # each call's NaN check rides on the next round's fetch
     drafter: str = "extrapolate"
     leap: int | str = 4
     arms: tuple = (1, 2, 4, 8)

@@ -38,7 +38,7 @@ class FastFlow(Sampler):
     """Finite-difference velocity skipping with a UCB1 bandit per time bucket (see module docstring)."""
 
     name = "fastflow"
-    defer_checks = True  # each call's NaN check rides on the next error fetch
+    defers_checks = True  # each call's NaN check rides on the next error fetch
     arms: tuple = (0, 1, 2, 4, 6)
     buckets: int = 4
     policy: str = "ucb1"

@@ -14,7 +14,7 @@ from specflow.sampling.noise import NoiseTable
 
 # Step sizes and coefficients are Python floats from the float64 grid, and the times handed to the model
 # are views of one tensor in the state's dtype: a step launches only its own few kernels (GPU latency),
-# and never waits for the device (the NaN checks are deferred to the end of the run: Sampler.defer_checks).
+# and never waits for the device (the NaN checks are deferred to the end of the run: Sampler.defers_checks).
 
 
 @register
@@ -23,7 +23,7 @@ class Euler(Sampler):
     """Euler on dx/dt = v: N target calls."""
 
     name = "euler"
-    defer_checks = True
+    defers_checks = True
 
     def _run(self, f, x, grid, draft, generator, stats):
         t, h = grid.to(x.device, x.dtype), grid.diff().tolist()
@@ -38,7 +38,7 @@ class Heun(Sampler):
     """Heun's 2nd-order method (EDM Alg. 1 without churn): 2N target calls."""
 
     name = "heun"
-    defer_checks = True
+    defers_checks = True
 
     def _run(self, f, x, grid, draft, generator, stats):
         t, h = grid.to(x.device, x.dtype), grid.diff().tolist()
@@ -56,7 +56,7 @@ class AB2(Sampler):
     """Adams–Bashforth 2 (variable step): second order at one target call per step, N calls."""
 
     name = "ab2"
-    defer_checks = True
+    defers_checks = True
 
     def _run(self, f, x, grid, draft, generator, stats):
         t, h = grid.to(x.device, x.dtype), grid.diff().tolist()
@@ -79,7 +79,7 @@ class SDE(Sampler):
     ``path.transition_coefficients``). η = 0 is Euler."""
 
     name = "sde"
-    defer_checks = True
+    defers_checks = True
     eta: float = 1.0
 
     def __post_init__(self):

@@ -121,7 +121,7 @@ class Speculative(Sampler):
                         if self.window == "bandit" else None)
 
     @property
-    def defer_checks(self) -> bool:  # each call's NaN check rides on the next round's fetch; the general
+    def defers_checks(self) -> bool:  # each call's NaN check rides on the next round's fetch; the general
         return self.draft_eta is None  # coupling's residual draws would spin on a NaN mean first
 
     @property
