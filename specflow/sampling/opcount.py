@@ -13,7 +13,8 @@ A sync is a syncing op (``.item()``, ``nonzero``, boolean-mask indexing, …) or
 seen: on a CPU it cannot be told from ``.to(device)``). On a CPU every tensor is a host tensor, so
 the counter tracks which ones stand for host data: those made by code marked ``@host_side`` (a round's plan,
 the bandit, ``Evaluator.fetch``) and whatever is computed from them alone. Their ops are not counted and
-reading them is not a sync; a ``@host_side`` call is counted by name (a fetch is one sync, by design).
+reading them is not a sync; a ``@host_side`` call is counted by name (a fetch is one sync, by design; its
+two or three packing kernels are not in ``ops``).
 """
 from __future__ import annotations
 

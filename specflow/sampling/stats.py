@@ -113,16 +113,17 @@ class Evaluator:
 
     @host_side
     def fetch(self, *tensors: Tensor) -> list[Tensor]:
-        """``tensors`` (small device tensors) on the host, copied in ONE transfer (as float64: integers below
-        2^53 are exact) that also carries the deferred output checks; raises FloatingPointError for the first
-        call that failed, before anything computed from its output is returned."""
+        """``tensors`` (small device tensors) on the host, copied in ONE transfer that also carries the deferred
+        output checks; raises FloatingPointError for the first call that failed, before anything computed from
+        its output is returned. Integer/bool tensors travel as int64, mixed with floats as float64."""
         checks = list(self.pending or ())
         if checks:
             self.pending.clear()  # in place: a draft evaluator may share the list
-        parts = [a.reshape(-1).double() for a in tensors]
+        floats = any(a.is_floating_point() for a in tensors)
+        parts = [a.reshape(-1).double() if floats else a.reshape(-1) for a in tensors]  # cat promotes the rest
         if checks:
-            parts.append(torch.stack([ok.all() for _, ok, _, _ in checks]).double())
-        host = torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.float64)
+            parts.append(torch.stack([ok.all() for _, ok, _, _ in checks]))
+        host = torch.cat(parts).cpu() if parts else torch.zeros(0)
         n = host.numel() - len(checks)
         for (kind, finite, step, t), ok in zip(checks, host[n:].tolist()):
             if not ok:
