@@ -202,7 +202,9 @@ class Speculative(Sampler):
         return W, (ctx, W, k)
 
     def _propose(self, c: "_Chain", p: "_Plan", jj, tab, drafter, draft) -> _Round:
-        """The draft of this round (fixed shapes for a given p.Lmax, no sync)."""
+        """The draft of this round (fixed shapes for a given p.Lmax, no sync). Captured as a CUDA graph keyed by
+        p.Lmax, so on that path it must read nothing else from the host plan (network drafters, never
+        captured, also read p.L and p.known)."""
         torch.minimum(c.W, self.steps - c.k, out=c.L)  # = p.L, on the device
         r = self._draft(c.x, c.v, c.known, c.k, p, jj, tab, drafter, draft)
         r.last = torch.where(c.k + c.L < self.steps, c.L, c.L - 1)  # = p.last
