@@ -14,11 +14,11 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 bench="python benchmarks/speculative.py --overhead --model unet+toy --device cuda --windows 4 8 bandit --repeats 2"
 if [ "${1:-main}" = compile ]; then
-    timeout 200 python -m pytest -q -p no:cacheprovider tests/test_speculative.py -k compiled 2>&1 | tail -3
+    timeout 200 python -m pytest -q -p no:cacheprovider tests/test_graphs.py -k compiled 2>&1 | tail -3
     timeout 350 $bench --batch 64 --compile --only speculative 2>&1 | tee "$out/gpu_overhead_b64_compile.txt"
 else
     timeout 240 $bench --batch 64 2>&1 | tee "$out/gpu_overhead_b64.txt"
-    timeout 150 python -m pytest -q -p no:cacheprovider tests/test_speculative.py tests/test_syncs.py \
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/test_syncs.py \
         tests/test_graphs.py -k "(cuda or sync or replay) and not compiled" 2>&1 | tail -4
     timeout 150 $bench --batch 4 2>&1 | tee "$out/gpu_overhead_b4.txt"
 fi

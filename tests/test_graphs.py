@@ -1,8 +1,11 @@
-"""The CUDA-graph contract, checked on the CPU: ``graphs.EMULATE`` records each piece's aten ops at its capture
-(tensors held by reference, Python frozen) and replays the record, as a CUDA graph would. A sampler whose pieces obey
-the contract replays exactly what it runs eagerly; a control that breaks it (rebinds a tensor a captured
-piece reads) is caught. The real CUDA graphs are checked against eager on a GPU in test_speculative.py."""
+"""The CUDA-graph contract, checked on the CPU: ``graphs.EMULATE`` records each piece's aten ops at its
+capture (tensors held by reference, Python frozen) and replays the record, as a CUDA graph would. A sampler
+whose pieces obey the contract replays exactly what it runs eagerly; controls that break it (a tensor
+rebound between pieces, a piece that syncs) are caught. The real CUDA graphs and the torch.compile'd round
+are checked against eager at the end (GPU-only tests, run by benchmarks/gpu_check.sh; no scipy here, which
+the device machine may lack)."""
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -86,3 +89,47 @@ def test_a_piece_that_waits_for_the_device_is_refused(monkeypatch):
     monkeypatch.setitem(SAMPLERS, "_peeking", _Peeking)
     with pytest.raises(RuntimeError, match="must not wait for the device"):
         build_sampler("_peeking", steps=50).sample(GM, X0, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("options", [dict(drafter="frozen", window=8), dict(drafter="extrapolate", window=4),
+                                     dict(drafter="frozen", window="bandit")])
+def test_cuda_graphs_replay_the_eager_round_exactly(options):
+    gm = GaussianMixture.default(dim=16)
+    gm.means, gm.stds, gm.weights = gm.means.cuda(), gm.stds.cuda(), gm.weights.cuda()
+    x0 = torch.randn(256, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    runs = [build_sampler("speculative", steps=50, cuda_graphs=g, **options).sample(
+        gm, x0, generator=torch.Generator("cuda").manual_seed(3)) for g in (False, True)]
+    assert torch.equal(runs[0].samples, runs[1].samples)
+    assert [(r.stats.proposed, r.stats.accepted, r.stats.rounds, r.stats.sequential_nfe) for r in runs][0] == \
+        (runs[1].stats.proposed, runs[1].stats.accepted, runs[1].stats.rounds, runs[1].stats.sequential_nfe)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_compiled_cuda_graphs_match_the_eager_round():
+    gm = GaussianMixture.default(dim=16)
+    gm.means, gm.stds, gm.weights = gm.means.cuda(), gm.stds.cuda(), gm.weights.cuda()
+    x0 = torch.randn(256, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(0), dtype=torch.float64)
+    runs = [build_sampler("speculative", steps=50, drafter="extrapolate", window=4, compile=c).sample(
+        gm, x0, generator=torch.Generator("cuda").manual_seed(3)) for c in (False, True)]
+    torch.testing.assert_close(runs[1].samples, runs[0].samples, rtol=0, atol=1e-10)
+    assert runs[0].stats.accepted == runs[1].stats.accepted and runs[0].stats.rounds == runs[1].stats.rounds
+
+
+def test_compiled_round_matches_the_eager_round(monkeypatch):
+    """compile=True fuses the same arithmetic: in float64 the chain takes the same accept/reject decisions and
+    lands within rounding of the eager samples (a wrong fusion, e.g. a dropped in-place update, would not).
+    A compiler failure would fall back to eager with a RuntimeWarning: here that is an error."""
+    from specflow.sampling import speculative  # noqa: PLC0415
+    monkeypatch.setattr(speculative, "_COMPILED", {})
+    monkeypatch.setattr(speculative, "_COMPILE_FAILED", set())
+    gm = GaussianMixture.default(dim=4)
+    x0 = torch.randn(16, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        runs = [build_sampler("speculative", steps=8, drafter="extrapolate", window=2, compile=c).sample(
+            gm, x0, generator=torch.Generator().manual_seed(1)) for c in (False, True)]
+    torch.testing.assert_close(runs[1].samples, runs[0].samples, rtol=0, atol=1e-10)
+    assert [(r.stats.proposed, r.stats.accepted, r.stats.rounds) for r in runs][0] == \
+        (runs[1].stats.proposed, runs[1].stats.accepted, runs[1].stats.rounds)
+    assert runs[0].stats.accepted < runs[0].stats.proposed  # rejections (the coupling) were exercised

@@ -5,7 +5,6 @@ on every coordinate and on random projections, and mean/covariance z-tests. A de
 (accept every draft) must be caught by the same helper: that control proves the test has power.
 """
 import math
-import warnings
 
 import pytest
 import torch
@@ -139,50 +138,6 @@ def test_transition_coefficients_match_transition_mean():
         a, b, c = transition_coefficients(t, s, eta)
         torch.testing.assert_close(a[:, None] * x + b[:, None] * v, transition_mean(x, t, s, v, eta))
         assert c.equal(transition_std(t, s, eta)) and c[1] == 0
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("options", [dict(drafter="frozen", window=8), dict(drafter="extrapolate", window=4),
-                                     dict(drafter="frozen", window="bandit")])
-def test_cuda_graphs_replay_the_eager_round_exactly(options):  # (compile=True on CUDA: benchmarks/gpu_check.sh)
-    gm = GaussianMixture.default(dim=16)
-    gm.means, gm.stds, gm.weights = gm.means.cuda(), gm.stds.cuda(), gm.weights.cuda()
-    x0 = torch.randn(256, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    runs = [build_sampler("speculative", steps=50, cuda_graphs=g, **options).sample(
-        gm, x0, generator=torch.Generator("cuda").manual_seed(3)) for g in (False, True)]
-    assert torch.equal(runs[0].samples, runs[1].samples)
-    assert [(r.stats.proposed, r.stats.accepted, r.stats.rounds, r.stats.sequential_nfe) for r in runs][0] == \
-        (runs[1].stats.proposed, runs[1].stats.accepted, runs[1].stats.rounds, runs[1].stats.sequential_nfe)
-
-
-def test_compiled_round_matches_the_eager_round(monkeypatch):
-    """compile=True fuses the same arithmetic: in float64 the chain takes the same accept/reject decisions and
-    lands within rounding of the eager samples (a wrong fusion, e.g. a dropped in-place update, would not).
-    A compiler failure would fall back to eager with a RuntimeWarning: here that is an error."""
-    from specflow.sampling import speculative
-    monkeypatch.setattr(speculative, "_COMPILED", {})
-    monkeypatch.setattr(speculative, "_COMPILE_FAILED", set())
-    gm = GaussianMixture.default(dim=4)
-    x0 = torch.randn(16, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        runs = [build_sampler("speculative", steps=8, drafter="extrapolate", window=2, compile=c).sample(
-            gm, x0, generator=torch.Generator().manual_seed(1)) for c in (False, True)]
-    torch.testing.assert_close(runs[1].samples, runs[0].samples, rtol=0, atol=1e-10)
-    assert [(r.stats.proposed, r.stats.accepted, r.stats.rounds) for r in runs][0] == \
-        (runs[1].stats.proposed, runs[1].stats.accepted, runs[1].stats.rounds)
-    assert runs[0].stats.accepted < runs[0].stats.proposed  # rejections (the coupling) were exercised
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_compiled_cuda_graphs_match_the_eager_round():
-    gm = GaussianMixture.default(dim=16)
-    gm.means, gm.stds, gm.weights = gm.means.cuda(), gm.stds.cuda(), gm.weights.cuda()
-    x0 = torch.randn(256, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(0), dtype=torch.float64)
-    runs = [build_sampler("speculative", steps=50, drafter="extrapolate", window=4, compile=c).sample(
-        gm, x0, generator=torch.Generator("cuda").manual_seed(3)) for c in (False, True)]
-    torch.testing.assert_close(runs[1].samples, runs[0].samples, rtol=0, atol=1e-10)
-    assert runs[0].stats.accepted == runs[1].stats.accepted and runs[0].stats.rounds == runs[1].stats.rounds
 
 
 def test_row_bucket_pads_the_target_call_and_counts_the_padding():
