@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -99,11 +100,10 @@ class Bandit:
         R = self.r_max - self.r_min
         return R if math.isfinite(R) and R > 0 else 1.0
 
-    def _check_context(self, context: Tensor) -> Tensor:
-        ctx = torch.as_tensor(context).long().reshape(-1).cpu()
-        if ctx.numel() and (int(ctx.min()) < 0 or int(ctx.max()) >= self.contexts):
-            raise ValueError(f"context indices must lie in [0, {self.contexts}), got "
-                             f"[{int(ctx.min())}, {int(ctx.max())}]")
+    def _check_context(self, context: Tensor) -> np.ndarray:
+        ctx = _host(context, np.int64)
+        if ctx.size and (ctx.min() < 0 or ctx.max() >= self.contexts):
+            raise ValueError(f"context indices must lie in [0, {self.contexts}), got [{ctx.min()}, {ctx.max()}]")
         return ctx
 
     def select(self, context: Tensor, limit: Tensor | None = None) -> Tensor:
@@ -113,55 +113,56 @@ class Bandit:
         played near the end of a grid is never chosen (and never stays "untried first" forever). An entry
         with no eligible arm gets the smallest arm; the caller clamps it and does not credit it.
         """
+        # numpy on the host: a sampler calls this every round, between a device sync and the next launch
         device = context.device if isinstance(context, Tensor) else "cpu"
         ctx = self._check_context(context)
-        n, mean = self.n[ctx], self.means[ctx]  # (B, A)
+        n, s1, s2 = self.n.numpy()[ctx], self.s1.numpy()[ctx], self.s2.numpy()[ctx]  # (B, A)
+        mean = s1 / np.maximum(n, 1)
         R = self._range()
         if self.policy == "ucb1":
-            n_ctx = n.sum(1, keepdim=True).clamp_min(1)
-            score = mean + self.c * R * torch.sqrt(2 * n_ctx.log() / n.clamp_min(1))
+            n_ctx = np.maximum(n.sum(1, keepdims=True), 1)
+            score = mean + self.c * R * np.sqrt(2 * np.log(n_ctx) / np.maximum(n, 1))
         else:
-            var = (self.s2[ctx] - n * mean**2) / (n - 1).clamp_min(1)
-            pooled_n = n.sum(1, keepdim=True)
-            pooled = ((self.s2[ctx].sum(1, keepdim=True) - self.s1[ctx].sum(1, keepdim=True) ** 2
-                       / pooled_n.clamp_min(1)) / (pooled_n - 1).clamp_min(1))
-            pooled = torch.where(pooled_n >= 2, pooled, torch.full_like(pooled, R**2))
-            var = torch.where(n >= 2, var, pooled.expand_as(var)).clamp_min(1e-6 * R**2)
-            z = torch.randn(n.shape, generator=self.generator, dtype=torch.float64)
-            score = mean + z * (var / n.clamp_min(1)).sqrt()
+            var = (s2 - n * mean**2) / np.maximum(n - 1, 1)
+            pooled_n = n.sum(1, keepdims=True)
+            pooled = ((s2.sum(1, keepdims=True) - s1.sum(1, keepdims=True) ** 2 / np.maximum(pooled_n, 1))
+                      / np.maximum(pooled_n - 1, 1))
+            pooled = np.where(pooled_n >= 2, pooled, R**2)
+            var = np.maximum(np.where(n >= 2, var, pooled), 1e-6 * R**2)
+            z = torch.randn(n.shape, generator=self.generator, dtype=torch.float64).numpy()
+            score = mean + z * np.sqrt(var / np.maximum(n, 1))
         # Untried arms first (the lowest one), so every arm has a mean before any is preferred.
-        score = torch.where(n == 0, torch.full_like(score, math.inf), score)
+        score = np.where(n == 0, math.inf, score)
         if limit is not None:
-            ok = self._values[None] <= torch.as_tensor(limit).long().reshape(-1, 1).cpu()
-            score = torch.where(ok, score, torch.full_like(score, -math.inf))
+            ok = self._values.numpy()[None] <= _host(limit, np.int64)[:, None]
+            score = np.where(ok, score, -math.inf)
             score[~ok.any(1), 0] = 0.0  # nothing eligible: the smallest arm
-        return self._values[score.argmax(1)].to(device)
+        return torch.from_numpy(self._values.numpy()[score.argmax(1)]).to(device)
 
     def index(self, arm: Tensor) -> Tensor:
         """Positions in ``self.arms`` of arm VALUES (CPU LongTensor); a value that is not an arm is an error."""
-        arm = torch.as_tensor(arm).long().reshape(-1).cpu()
-        a = torch.searchsorted(self._values, arm).clamp_max(len(self.arms) - 1)
-        if not bool((self._values[a] == arm).all()):
+        arm, values = _host(arm, np.int64), self._values.numpy()
+        a = np.minimum(np.searchsorted(values, arm), len(values) - 1)
+        if not (values[a] == arm).all():
             raise ValueError(f"arm values {sorted(set(arm.tolist()) - set(self.arms))} are not arms of this "
                              f"bandit {self.arms}")
-        return a
+        return torch.from_numpy(a)
 
     def update(self, context: Tensor, arm: Tensor, reward: Tensor) -> None:
         """Credit ``reward[i]`` to (``context[i]``, ``arm[i]``) (arm VALUES); all three flatten to length B."""
         ctx = self._check_context(context)
-        arm = torch.as_tensor(arm).long().reshape(-1).cpu()
-        r = torch.as_tensor(reward).detach().reshape(-1).to("cpu", torch.float64)
-        if not (ctx.numel() == arm.numel() == r.numel()):
+        r = _host(reward, np.float64)
+        if not (ctx.size == _host(arm, np.int64).size == r.size):
             raise ValueError(f"context, arm and reward must have one entry each, got sizes "
-                             f"{ctx.numel()}, {arm.numel()}, {r.numel()}")
-        if not bool(torch.isfinite(r).all()):
+                             f"{ctx.size}, {_host(arm, np.int64).size}, {r.size}")
+        if not np.isfinite(r).all():
             raise ValueError("rewards must be finite; got NaN/Inf (check the reward's definition)")
-        a = self.index(arm)
-        if r.numel() == 0:
+        a = self.index(arm).numpy()
+        if r.size == 0:
             return
-        self.n.index_put_((ctx, a), torch.ones_like(r), accumulate=True)
-        self.s1.index_put_((ctx, a), r, accumulate=True)
-        self.s2.index_put_((ctx, a), r**2, accumulate=True)
+        np.add.at(self.n.numpy(), (ctx, a), 1.0)  # in place on the tensors' memory
+        np.add.at(self.s1.numpy(), (ctx, a), r)
+        np.add.at(self.s2.numpy(), (ctx, a), r**2)
         self.r_min, self.r_max = min(self.r_min, float(r.min())), max(self.r_max, float(r.max()))
 
     def state_dict(self) -> dict:
@@ -183,3 +184,10 @@ class Bandit:
 
     def __repr__(self) -> str:
         return f"Bandit(arms={self.arms}, contexts={self.contexts}, policy={self.policy!r})"
+
+
+def _host(a, dtype) -> np.ndarray:
+    """A flat numpy copy of a tensor (any device) or sequence."""
+    if isinstance(a, Tensor):
+        a = a.detach().cpu().numpy()
+    return np.asarray(a, dtype=dtype).reshape(-1)
