@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -207,7 +208,7 @@ class Speculative(Sampler):
         captured, also read p.L and p.known)."""
         torch.minimum(c.W, self.steps - c.k, out=c.L)  # = p.L, on the device
         r = self._draft(c.x, c.v, c.known, c.k, p, jj, tab, drafter, draft)
-        r.last = torch.where(c.k + c.L < self.steps, c.L, c.L - 1)  # = p.last
+        r.last = torch.where(c.k + c.L < self.steps, c.L, c.L - 1)  # as the host plan has it
         r.V = torch.zeros_like(r.Y)
         r.V[0] = c.v  # the paid velocity where known; the evaluation overwrites the other rows
         return r
@@ -327,20 +328,23 @@ class Speculative(Sampler):
 
 class _Plan:
     """A round planned on the host from each sample's k and known (fetched once): the windows L, the last
-    j evaluated, and the flat (j, sample) rows of the one target call (padded to ``bucket``)."""
+    j evaluated, and the flat (j, sample) rows of the one target call (padded to ``bucket``). numpy: this
+    runs between the round's sync and its first launch, so the device waits for it."""
 
     @host_side
     def __init__(self, N: int, k: Tensor, known: Tensor, W, jj: Tensor, bucket: int):
-        self.k, self.known = k, known
-        self.L = torch.clamp(N - k, max=W) if isinstance(W, int) else torch.minimum(W, N - k)
-        self.Lmax = int(self.L.max())
-        self.last = torch.where(k + self.L < N, self.L, self.L - 1)  # y_L at t = 1 is never evaluated
-        J = jj[:self.Lmax + 1]
-        self.rows = ((J >= known.long()) & (J <= self.last)).flatten().nonzero().squeeze(1)
-        self.n = self.rows.numel()
+        kn, kw = k.numpy(), known.numpy()
+        L = np.minimum(W if isinstance(W, int) else W.numpy(), N - kn)
+        self.Lmax = int(L.max())
+        last = np.where(kn + L < N, L, L - 1)  # y_L at t = 1 is never evaluated
+        J = jj.numpy()[:self.Lmax + 1]
+        rows = np.flatnonzero((J >= kw) & (J <= last))
+        self.n = rows.size
         if bucket and self.n % bucket:  # repeat a row up to the bucket: few distinct shapes for cuDNN
-            self.rows = torch.cat([self.rows, self.rows[:1].expand(bucket - self.n % bucket)])
-        self.steps = (k + J).flatten()[self.rows]  # each row's grid step, for error messages
+            rows = np.concatenate([rows, np.full(bucket - self.n % bucket, rows[0])])
+        self.rows = torch.from_numpy(rows)
+        self.steps = torch.from_numpy((kn + J).reshape(-1)[rows])  # each row's grid step, for error messages
+        self.k, self.known, self.L = k, known, torch.from_numpy(L)
 
 
 @dataclasses.dataclass
