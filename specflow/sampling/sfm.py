@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -108,29 +109,30 @@ class SFM(Sampler):
 
     @host_side
     def _plan(self, k: Tensor, retry: Tensor, grid: Tensor, arms: Tensor, played):
-        """On the host, from each sample's k and retry flag (fetched once per round): credit last round's
-        bandit decisions (``played``; a retry flag is a rejected leap), then choose this round's leaps L
-        (a rejected leap retries with L = 1); returns (L, live rows, the longest live leap, played)."""
-        N = self.steps
+        """On the host (numpy: the device waits for this), from each sample's k and retry flag (fetched once
+        per round): credit last round's bandit decisions (``played``; a retry flag is a rejected leap), then
+        choose this round's leaps L (a rejected leap retries with L = 1); returns (L, live rows, the longest
+        live leap, played)."""
+        N, k, retry = self.steps, k.numpy(), retry.numpy()
         if played is not None:  # reward: steps per target call, L when accepted, 1/2 when rejected
             ctx, L, mine, rows = played
-            reward = torch.where(retry[rows], 0.5, L.double())
+            reward = np.where(retry[rows], 0.5, L.astype(np.float64))
             self.bandit.update(ctx[mine], L[mine], reward[mine])
-        rows = (k < N).nonzero().squeeze(1)
-        if rows.numel() == 0:  # all done: no choice to make (a Thompson choice would draw)
-            return k, rows, 0, None
-        cap = (N - 1 - k).clamp(min=1)  # leaps end at t_{N−1} at the latest
+        rows = np.flatnonzero(k < N)
+        if rows.size == 0:  # all done: no choice to make (a Thompson choice would draw)
+            return torch.from_numpy(k), torch.from_numpy(rows), 0, None
+        cap = np.maximum(N - 1 - k, 1)  # leaps end at t_{N−1} at the latest
         if self.bandit is None:
-            L = cap.clamp(max=self.leap)
+            L = np.minimum(cap, self.leap)
         else:
-            ctx = time_bucket(grid[k], self.buckets)
-            chosen = self.bandit.select(ctx, limit=cap)
-            L = torch.minimum(chosen, cap)
+            ctx = time_bucket(grid[k], self.buckets).numpy()
+            chosen = self.bandit.select(ctx, limit=cap).numpy()
+            L = np.minimum(chosen, cap)
             mine = (chosen <= cap) & ~retry  # credit the bandit's own decisions only (not retries, not capped)
             played = ctx[rows], L[rows], mine[rows], rows
-        L = torch.where(retry, 1, L)
-        arms += torch.bincount(L[rows], minlength=arms.numel())
-        return L, rows, int(L[rows].max()) if rows.numel() else 0, played
+        L = np.where(retry, 1, L)
+        arms += torch.from_numpy(np.bincount(L[rows], minlength=arms.numel()))
+        return torch.from_numpy(L), torch.from_numpy(rows), int(L[rows].max()), played
 
     @staticmethod
     def _leap(drafter, net, x: Tensor, v: Tensor, k: Tensor, L: Tensor, t: Tensor, h: Tensor, L_host: Tensor,
