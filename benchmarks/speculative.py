@@ -124,9 +124,10 @@ def toy_table(args):
 
 def overhead(args):
     """Per sampler: NFE, wall time, time inside the model and the share outside it, plus wall time / sde's."""
-    model, shape = make_model(args.model, 0, args.device)
+    model, shape = make_model(args.model, args.dims[-1], args.device)
     for batch in args.batch:
-        print(f"\nsampler overhead: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
+        params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
+        print(f"\nsampler overhead: {args.model} ({params / 1e6:.1f}M params), "
               f"batch {batch}, N = {args.steps}, device {_device_name(args.device)}")
         print(f"{'sampler':>12} {'options':>32} {'seq/N':>6} {'total/N':>8} {'rounds':>6} {'wall s':>7} "
               f"{'model s':>8} {'outside':>8} {'wall×sde':>8}")
