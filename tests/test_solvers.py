@@ -112,3 +112,18 @@ def test_nan_in_some_rows_is_reported_at_its_rows(name, options, strict):
                  str(err.value))
     assert m, str(err.value)
     assert int(m[1]) >= 7 and float(m[2]) >= 0.4 - 1e-6, str(err.value)  # the bad rows only, not the whole call
+
+
+class _NaNDraft(torch.nn.Module):
+    def forward(self, x, t, cond=None):
+        return torch.where(t[:, None] > 0.35, float("nan"), 0.0) * x
+
+
+@pytest.mark.parametrize("name,options", [("speculative", dict(drafter="model", window=4)),
+                                          ("sfm", dict(drafter="model", leap=4))], ids=str)
+def test_a_draft_nan_names_its_grid_step(name, options):
+    """The draft network's NaN is blamed on the draft, at the grid step of its t (not its place in a window)."""
+    with pytest.raises(FloatingPointError, match="draft model returned NaN") as err:
+        build_sampler(name, steps=20, **options).sample(GaussianMixture.default(), torch.randn(8, 2), draft=_NaNDraft())
+    m = re.search(r"at step (\d+)(?:\.\.(\d+))?, t=\[?(\d+\.\d+)(?:\.\.(\d+\.\d+))?", str(err.value))
+    assert m and int(m[1]) == round(float(m[3]) * 20) and float(m[3]) > 0.35, str(err.value)

@@ -5,8 +5,9 @@ One small protocol serves the exact speculative sampler and the deterministic le
     d = make_drafter("extrapolate"); d.reset(x)            # per-sample buffers for a batch like x
     d.observe(rows, x, t, v, h)                            # a paid target evaluation at (x, t) for those rows
                                                            # (h: its trunk features if ``needs_features``)
-    v_hat = d(y, s, rows, j, net)                          # draft velocity at drafted state y, time s,
-                                                           # j-th step of the current window
+    v_hat = d(y, s, rows, j, net, step=None)               # draft velocity at drafted state y, time s,
+                                                           # j-th step of the current window (step: each
+                                                           # row's grid step, for error messages)
 ``rows`` maps each row of y to its sample; ``rows=None`` in ``__call__`` means every sample in order, and a
 bool mask over all samples in ``observe`` means a row per sample of which the masked ones are taken (the
 hot path of the speculative sampler: no gathers, no host syncs, capturable in a CUDA graph). ``memory``: how many of a sample's latest target evaluations
@@ -60,7 +61,7 @@ class Drafter:
     def predict_x1(self, s: Tensor, rows: Tensor | None) -> Tensor:
         raise NotImplementedError
 
-    def __call__(self, y: Tensor, s: Tensor, rows: Tensor | None, j: int, net=None) -> Tensor:
+    def __call__(self, y: Tensor, s: Tensor, rows: Tensor | None, j: int, net=None, step=None) -> Tensor:
         s = s.to(y.dtype)
         return (self.predict_x1(s, rows) - y) / (1 - expand(s, y))
 
@@ -124,8 +125,8 @@ class Model(Drafter):
     needs_network = True
     predicts_x1 = False
 
-    def __call__(self, y, s, rows, j, net=None):
-        return net(y, s.to(y.dtype), rows, step=j)
+    def __call__(self, y, s, rows, j, net=None, step=None):
+        return net(y, s.to(y.dtype), rows, step=j if step is None else step)
 
 
 @register_drafter
@@ -157,13 +158,13 @@ class Medusa(Drafter):
         _put(self.x, rows, x)
         _put(self.h, rows, h)
 
-    def __call__(self, y, s, rows, j, net=None):
+    def __call__(self, y, s, rows, j, net=None, step=None):
         s = s.to(y.dtype)
         rows = torch.arange(y.shape[0], device=y.device) if rows is None else rows
         v = (self.x1[rows] - y) / (1 - expand(s, y))  # frozen guess, kept for samples never evaluated yet
         seen = (self.t[rows] >= 0).nonzero().squeeze(1)
         if seen.numel():
             r = rows[seen]
-            v[seen] = net(y[seen], s[seen], r, step=j, features=self.h[r], x_src=self.x[r], t_src=self.t[r],
+            v[seen] = net(y[seen], s[seen], r, step=j if step is None else step[seen], features=self.h[r], x_src=self.x[r], t_src=self.t[r],
                           x1_src=self.x1[r])
         return v

@@ -148,7 +148,8 @@ class SFM(Sampler):
             if drafter.needs_network:
                 pos = (L_host > j).nonzero().squeeze(1).to(x.device, non_blocking=True)
                 if pos.numel():
-                    y[pos] = y[pos] + per_sample(h[kj[pos]], x) * drafter(y[pos], t[kj[pos]], pos, j, net)
+                    y[pos] = y[pos] + per_sample(h[kj[pos]], x) * drafter(y[pos], t[kj[pos]], pos, j, net,
+                                                                          step=kj[pos])
             else:
                 y = torch.where(per_sample(m, x), y + per_sample(h[kj], x) * drafter(y, t[kj], None, j, net), y)
         return y
@@ -200,7 +201,8 @@ class SFM(Sampler):
         live = c.k < self.steps
         if drafter.needs_network:  # eager: its rows are this round's
             ok = torch.zeros_like(live).index_copy_(
-                0, rows, self._accept(drafter, draft, y[rows], s[rows], c.v_s[rows], rows, c.L[rows], Lmax))
+                0, rows, self._accept(drafter, draft, y[rows], s[rows], c.v_s[rows], rows, c.L[rows], Lmax,
+                                      step=(c.k + c.L)[rows]))  # the leap end's grid step, for errors
         else:
             ok = self._accept(drafter, draft, y, s, c.v_s, None, c.L, Lmax) & live
         leaps = (c.L > 1) & live
@@ -220,11 +222,11 @@ class SFM(Sampler):
         c.x.copy_(torch.where(per_sample(last, c.x), c.x + h[N - 1] * c.v, c.x))
         c.k.masked_fill_(last, N)
 
-    def _accept(self, drafter, net, y, s, v_s, rows, L, j) -> Tensor:
+    def _accept(self, drafter, net, y, s, v_s, rows, L, j, step=None) -> Tensor:
         """δ ≤ tol per row; L = 1 rows are exact Euler steps and always accepted."""
         s = s.to(y.dtype)
         x1_t = x1_hat(y, s, v_s)
-        x1_d = x1_hat(y, s, drafter(y, s, rows, j, net))
+        x1_d = x1_hat(y, s, drafter(y, s, rows, j, net, step=step))
         delta = _norm(x1_d - x1_t) / _norm(x1_t).clamp_min(torch.finfo(y.dtype).tiny)
         return (L == 1) | (delta <= self.tol)
 

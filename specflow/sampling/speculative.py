@@ -269,10 +269,10 @@ class Speculative(Sampler):
         for j in range(Lmax):  # a velocity drafter (a network): only the real rows are drafted
             y = r.Y[j]
             v_hat = v.clone() if j == 0 else torch.zeros_like(y)
-            pos = ((p.L > j) & ~p.known if j == 0 else p.L > j).nonzero().squeeze(1)  # planned on the host
-            if pos.numel():
-                pos = pos.to(x.device, non_blocking=True)
-                v_hat[pos] = drafter(y[pos], S[j, pos], pos, j, draft)
+            pos_h = ((p.L > j) & ~p.known if j == 0 else p.L > j).nonzero().squeeze(1)  # planned on the host
+            if pos_h.numel():
+                pos = pos_h.to(x.device, non_blocking=True)
+                v_hat[pos] = drafter(y[pos], S[j, pos], pos, j, draft, step=p.k[pos_h] + j)
             torch.addcmul(ce[j], a_q[j], y, out=r.Y[j + 1])
             r.Y[j + 1].addcmul_(b_q[j], v_hat)
         return r
