@@ -2,7 +2,9 @@
 # The GPU checks, prepared for a session that is lent a device (run from the repo root; tables go to $OUT,
 # the device tool's folder, or benchmarks/logs). Two calls, each under the tool's 10-minute limit:
 #   bash benchmarks/gpu_check.sh           # 1. time outside the model per sampler at batch 64 (the issue's
-#                                          #    ≤ 5 % goal), graphs and eager rows; 2. the CUDA-only tests
+#                                          #    ≤ 5 % goal), graphs, eager and fixed-shape rows (every call
+#                                          #    padded to (W+1)·B rows: does one shape steady the model's
+#                                          #    time?); 2. the CUDA-only tests
 #                                          #    (speculative and sfm graph replay = eager bit for bit, syncs);
 #                                          # 3. the same table at batch 4
 #   bash benchmarks/gpu_check.sh compile   # torch.compile: its CUDA test and compile=True rows (minutes)
@@ -17,7 +19,7 @@ if [ "${1:-main}" = compile ]; then
     timeout 200 python -m pytest -q -p no:cacheprovider tests/test_graphs.py -k compiled 2>&1 | tail -3
     timeout 350 $bench --batch 64 --compile --only speculative 2>&1 | tee "$out/gpu_overhead_b64_compile.txt"
 else
-    timeout 240 $bench --batch 64 2>&1 | tee "$out/gpu_overhead_b64.txt"
+    timeout 270 $bench --batch 64 --fixed-shape 2>&1 | tee "$out/gpu_overhead_b64.txt"
     timeout 150 python -m pytest -q -p no:cacheprovider tests/test_syncs.py \
         tests/test_graphs.py -k "(cuda or sync or replay) and not compiled" 2>&1 | tail -4
     timeout 150 $bench --batch 4 2>&1 | tee "$out/gpu_overhead_b4.txt"

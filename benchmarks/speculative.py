@@ -141,6 +141,9 @@ def overhead(args):
             configs += [("speculative", dict(drafter=d, window=8, cuda_graphs=False)) for d in args.drafters]
             if args.compile:  # compiles a graph per window length 1…8 in the warm-up run (seconds each)
                 configs += [("speculative", dict(drafter=d, window=8, compile=True)) for d in args.drafters]
+        if args.fixed_shape:  # every target call padded to (W + 1)·B rows: one shape for the conv libraries
+            configs += [("speculative", dict(drafter=d, window=w, row_bucket=(w + 1) * batch))
+                        for d in args.drafters for w in args.windows if w != "bandit"]
         if args.row_bucket:
             configs += [("speculative", dict(drafter=d, window=w, row_bucket=args.row_bucket))
                         for d in args.drafters for w in args.windows]
@@ -217,6 +220,8 @@ def main():
     ap.add_argument("--model", default="unet+toy", help="model for --overhead: unet | unet+toy (see make_model)")
     ap.add_argument("--batch", type=int, nargs="+", default=[64])
     ap.add_argument("--row-bucket", type=int, default=0, help="--overhead: also run speculative with this row_bucket")
+    ap.add_argument("--fixed-shape", action="store_true",
+                    help="--overhead: also run speculative with every call padded to (window + 1)·batch rows")
     ap.add_argument("--repeats", type=int, default=3, help="--overhead: timed runs per sampler (the best is shown)")
     ap.add_argument("--compile", action="store_true", help="--overhead on CUDA: also speculative compile=True rows")
     ap.add_argument("--only", nargs="+", default=None, help="--overhead: only these samplers (names)")
