@@ -4,7 +4,7 @@ A speculative round launches ~100 small kernels around one model call; on a GPU 
 their arithmetic, is what a round spends outside the model. ``Graphs`` captures a piece the second time its
 key (e.g. the window length) comes up and replays it after that:
 
-    graphs = Graphs(enabled=x.is_cuda)
+    graphs = for_tensor(x, enabled=True)                  # CUDA graphs on CUDA tensors, else a plain call
     out = graphs(("draft", Lmax), lambda: draft(state))   # eager 1st time, captured 2nd, replayed after
 
 The first use runs eagerly (it warms up lazy library state, which must not happen during a capture); the
@@ -23,13 +23,14 @@ Tests switch it on with ``graphs.EMULATE = True``; a sampler that passes them re
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
-
 import dataclasses
+from collections.abc import Callable, Hashable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
+
+from specflow.sampling.opcount import SYNCING, _mask_indexing
 
 EMULATE = False  # on CPU tensors, emulate capture and replay (tests); CUDA tensors always use CUDA graphs
 
@@ -95,7 +96,6 @@ class _Record(TorchDispatchMode):
         self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from specflow.sampling.opcount import SYNCING, _mask_indexing
         if func in SYNCING or _mask_indexing(func, args):  # what a CUDA capture refuses
             raise RuntimeError(f"a captured piece must not wait for the device, but it ran {func}; move it out "
                                f"of the piece (plan on the host) or use a fixed-shape form (torch.where)")
