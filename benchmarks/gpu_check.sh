@@ -7,7 +7,8 @@
 #                                          #    time?); 2. the CUDA-only tests
 #                                          #    (speculative and sfm graph replay = eager bit for bit, syncs);
 #                                          # 3. the same table at batch 4
-#   bash benchmarks/gpu_check.sh compile   # torch.compile: its CUDA test and compile=True rows (minutes)
+#   bash benchmarks/gpu_check.sh compile   # torch.compile: its CUDA test, compile=True rows, and the model
+#                                          # compiled to CUDA graphs under fixed-shape calls (minutes)
 set -uo pipefail
 export PYTHONPATH=$PWD
 out=${OUT:-benchmarks/logs}
@@ -17,7 +18,10 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 bench="python benchmarks/speculative.py --overhead --model unet+toy --device cuda --windows 4 8 bandit --repeats 2"
 if [ "${1:-main}" = compile ]; then
     timeout 200 python -m pytest -q -p no:cacheprovider tests/test_graphs.py -k compiled 2>&1 | tail -3
-    timeout 350 $bench --batch 64 --compile --only speculative 2>&1 | tee "$out/gpu_overhead_b64_compile.txt"
+    timeout 200 $bench --batch 64 --compile --only speculative 2>&1 | tee "$out/gpu_overhead_b64_compile.txt"
+    # the model itself as CUDA graphs (torch.compile reduce-overhead), possible once every call has one shape
+    timeout 200 $bench --batch 64 --windows 4 8 --fixed-shape --compile-model 2>&1 \
+        | tee "$out/gpu_overhead_b64_model_graphs.txt"
 else
     timeout 270 $bench --batch 64 --fixed-shape 2>&1 | tee "$out/gpu_overhead_b64.txt"
     timeout 150 python -m pytest -q -p no:cacheprovider tests/test_syncs.py \

@@ -125,6 +125,8 @@ def toy_table(args):
 def overhead(args):
     """Per sampler: NFE, wall time, time inside the model and the share outside it, plus wall time / sde's."""
     model, shape = make_model(args.model, args.dims[-1], args.device)
+    if args.compile_model:  # one CUDA graph per input shape (reduce-overhead): only fixed-shape samplers below
+        model = torch.compile(model, mode="reduce-overhead", dynamic=False)
     for batch in args.batch:
         params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
         print(f"\nsampler overhead: {args.model} ({params / 1e6:.1f}M params), "
@@ -147,6 +149,9 @@ def overhead(args):
         if args.row_bucket:
             configs += [("speculative", dict(drafter=d, window=w, row_bucket=args.row_bucket))
                         for d in args.drafters for w in args.windows]
+        if args.compile_model:  # ragged calls would recompile (and re-record) for every new row count, and heun/ab2
+            #                     hold an output across the next call, which a replayed graph overwrites
+            configs = [(n, o) for n, o in configs if n in ("sde", "euler") or "row_bucket" in o]
         if args.only:  # sde stays: the wall-time ratios are against it
             configs = [(n, o) for n, o in configs if n in set(args.only) | {"sde"}]
         sde_wall = None
@@ -220,6 +225,8 @@ def main():
     ap.add_argument("--model", default="unet+toy", help="model for --overhead: unet | unet+toy (see make_model)")
     ap.add_argument("--batch", type=int, nargs="+", default=[64])
     ap.add_argument("--row-bucket", type=int, default=0, help="--overhead: also run speculative with this row_bucket")
+    ap.add_argument("--compile-model", action="store_true",
+                    help="--overhead: torch.compile the model (reduce-overhead); plain solvers and fixed-shape rows only")
     ap.add_argument("--fixed-shape", action="store_true",
                     help="--overhead: also run speculative with every call padded to (window + 1)·batch rows")
     ap.add_argument("--repeats", type=int, default=3, help="--overhead: timed runs per sampler (the best is shown)")
