@@ -3,8 +3,10 @@
 One small protocol serves the exact speculative sampler and the deterministic leap samplers (sfm, rca):
 
     d = make_drafter("extrapolate"); d.reset(x)            # per-sample buffers for a batch like x
-    d.observe(rows, x, t, v, h)                            # a paid target evaluation at (x, t) for those rows
-                                                           # (h: its trunk features if ``needs_features``)
+    d.observe(rows, x, t, v, h, final=True)                # a paid target evaluation at (x, t) for those rows
+                                                           # (h: its trunk features if ``needs_features``;
+                                                           # final=False: another observation of the same
+                                                           # round follows, derived state may wait for it)
     v_hat = d(y, s, rows, j, net, step=None)               # draft velocity at drafted state y, time s,
                                                            # j-th step of the current window (step: each
                                                            # row's grid step, for error messages)
@@ -53,7 +55,8 @@ class Drafter:
         self.x1 = like.new_zeros(like.shape)  # latest target x1_hat per sample
         self.t = like.new_full((B,), -1.0)  # its time; −1: not observed yet
 
-    def observe(self, rows: Tensor, x: Tensor, t: Tensor, v: Tensor, h: Tensor | None = None) -> None:
+    def observe(self, rows: Tensor, x: Tensor, t: Tensor, v: Tensor, h: Tensor | None = None,
+                final: bool = True) -> None:
         t = t.to(x.dtype)
         _put(self.x1, rows, x1_hat(x, t, v))
         _put(self.t, rows, t)
@@ -102,10 +105,12 @@ class Extrapolate(Drafter):
         self.x1_prev, self.t_prev = self.x1.clone(), self.t.clone()
         self.intercept, self.slope = self.x1.clone(), self.x1.clone()  # x̂1(s) = intercept + s·slope
 
-    def observe(self, rows, x, t, v, h=None):
+    def observe(self, rows, x, t, v, h=None, final=True):
         _put(self.x1_prev, rows, _take(self.x1, rows))
         _put(self.t_prev, rows, _take(self.t, rows))
         super().observe(rows, x, t, v)
+        if not final:  # the line is rebuilt once, after the round's last observation
+            return
         dt = self.t - self.t_prev  # the line of every sample, rebuilt in place (slope 0 until two distinct
         ok = (self.t_prev >= 0) & (dt > 0)  # observations exist)
         inv = torch.where(ok, 1 / dt.clamp_min(torch.finfo(dt.dtype).tiny), 0.0)
@@ -148,7 +153,7 @@ class Medusa(Drafter):
         self.x = like.new_zeros(like.shape)  # the state of the last paid evaluation, per sample
         self.h = None  # (B, *feature shape), allocated at the first observation
 
-    def observe(self, rows, x, t, v, h=None):
+    def observe(self, rows, x, t, v, h=None, final=True):
         if h is None:
             raise ValueError("the medusa drafter observed a target evaluation without its features; the sampler "
                              "must pass them (Evaluator(keep_features=True) and drafter.observe(..., h))")

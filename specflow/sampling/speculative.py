@@ -323,7 +323,7 @@ class Speculative(Sampler):
         for m in reversed(range(drafter.memory)):
             j = (hi - m).clamp(min=0)
             h = () if r.H is None else (r.H[j, r.ar],)
-            drafter.observe(hi - m >= lo, r.Y[j, r.ar], r.T[j, r.ar], r.V[j, r.ar], *h)
+            drafter.observe(hi - m >= lo, r.Y[j, r.ar], r.T[j, r.ar], r.V[j, r.ar], *h, final=m == 0)
 
 
 class _Plan:
