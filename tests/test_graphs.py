@@ -63,18 +63,6 @@ def test_control_a_piece_that_reads_a_rebound_tensor_is_caught(monkeypatch):
     assert not torch.equal(replayed.samples, eager.samples)  # … replayed, it is not
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("options", [dict(drafter="extrapolate", leap=4), dict(drafter="frozen", leap="bandit")],
-                         ids=str)
-def test_sfm_cuda_graphs_replay_the_eager_round_exactly(options):
-    gm = GaussianMixture.default(dim=16)
-    gm.means, gm.stds, gm.weights = gm.means.cuda(), gm.stds.cuda(), gm.weights.cuda()
-    x0 = torch.randn(256, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    runs = [build_sampler("sfm", steps=50, cuda_graphs=g, **options).sample(gm, x0) for g in (False, True)]
-    assert torch.equal(runs[0].samples, runs[1].samples)
-    assert _stats(runs[0]) == _stats(runs[1]) and runs[0].stats.arm_counts == runs[1].stats.arm_counts
-
-
 def test_a_piece_that_waits_for_the_device_is_refused(monkeypatch):
     """A CUDA capture refuses host syncs; the emulation does too (control for the contract's third rule)."""
     monkeypatch.setattr(graphs, "EMULATE", True)
@@ -92,24 +80,29 @@ def test_a_piece_that_waits_for_the_device_is_refused(monkeypatch):
         build_sampler("_peeking", steps=50).sample(GM, X0, generator=torch.Generator().manual_seed(3))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("options", [dict(drafter="frozen", window=8), dict(drafter="extrapolate", window=4),
-                                     dict(drafter="frozen", window="bandit")])
-def test_cuda_graphs_replay_the_eager_round_exactly(options):
+def _cuda_mixture():
     gm = GaussianMixture.default(dim=16)
     gm.means, gm.stds, gm.weights = gm.means.cuda(), gm.stds.cuda(), gm.weights.cuda()
+    return gm
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name,options", [
+    ("speculative", dict(drafter="frozen", window=8)), ("speculative", dict(drafter="extrapolate", window=4)),
+    ("speculative", dict(drafter="frozen", window="bandit")),
+    ("sfm", dict(drafter="extrapolate", leap=4)), ("sfm", dict(drafter="frozen", leap="bandit"))], ids=str)
+def test_cuda_graphs_replay_the_eager_round_exactly(name, options):
+    gm = _cuda_mixture()
     x0 = torch.randn(256, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    runs = [build_sampler("speculative", steps=50, cuda_graphs=g, **options).sample(
+    runs = [build_sampler(name, steps=50, cuda_graphs=g, **options).sample(
         gm, x0, generator=torch.Generator("cuda").manual_seed(3)) for g in (False, True)]
     assert torch.equal(runs[0].samples, runs[1].samples)
-    assert [(r.stats.proposed, r.stats.accepted, r.stats.rounds, r.stats.sequential_nfe) for r in runs][0] == \
-        (runs[1].stats.proposed, runs[1].stats.accepted, runs[1].stats.rounds, runs[1].stats.sequential_nfe)
+    assert _stats(runs[0]) == _stats(runs[1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_compiled_cuda_graphs_match_the_eager_round():
-    gm = GaussianMixture.default(dim=16)
-    gm.means, gm.stds, gm.weights = gm.means.cuda(), gm.stds.cuda(), gm.weights.cuda()
+    gm = _cuda_mixture()
     x0 = torch.randn(256, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(0), dtype=torch.float64)
     runs = [build_sampler("speculative", steps=50, drafter="extrapolate", window=4, compile=c).sample(
         gm, x0, generator=torch.Generator("cuda").manual_seed(3)) for c in (False, True)]

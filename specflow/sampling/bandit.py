@@ -150,11 +150,10 @@ class Bandit:
 
     def update(self, context: Tensor, arm: Tensor, reward: Tensor) -> None:
         """Credit ``reward[i]`` to (``context[i]``, ``arm[i]``) (arm VALUES); all three flatten to length B."""
-        ctx = self._check_context(context)
-        r = _host(reward, np.float64)
-        if not (ctx.size == _host(arm, np.int64).size == r.size):
+        ctx, arm, r = self._check_context(context), _host(arm, np.int64), _host(reward, np.float64)
+        if not (ctx.size == arm.size == r.size):
             raise ValueError(f"context, arm and reward must have one entry each, got sizes "
-                             f"{ctx.size}, {_host(arm, np.int64).size}, {r.size}")
+                             f"{ctx.size}, {arm.size}, {r.size}")
         if not np.isfinite(r).all():
             raise ValueError("rewards must be finite; got NaN/Inf (check the reward's definition)")
         a = self.index(arm).numpy()

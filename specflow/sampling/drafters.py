@@ -12,8 +12,9 @@ One small protocol serves the exact speculative sampler and the deterministic le
                                                            # row's grid step, for error messages)
 ``rows`` maps each row of y to its sample; ``rows=None`` in ``__call__`` means every sample in order, and a
 bool mask over all samples in ``observe`` means a row per sample of which the masked ones are taken (the
-hot path of the speculative sampler: no gathers, no host syncs, capturable in a CUDA graph). ``memory``: how many of a sample's latest target evaluations
-the drafter reads (frozen and medusa 1, extrapolate 2); a sampler may skip older ones within a round.
+hot path of the speculative sampler: no gathers, no host syncs, capturable in a CUDA graph). ``memory``: how
+many of a sample's latest target evaluations the drafter reads (frozen and medusa 1, extrapolate 2); a
+sampler may skip older ones within a round.
 Drafters work in x1_hat space (the predicted data changes slowly along the path, the velocity does not):
 v̂(y, s) = (x̂1(s) − y) / (1 − s). Drafted states are never at s = 1 (a velocity is read at a step's start).
 ``net`` is the draft-network Evaluator for drafters that need one (``needs_network``), else None.
@@ -26,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from specflow.path import expand, x1_hat
+from specflow.path import expand, per_sample, x1_hat
 
 DRAFTERS: dict[str, type["Drafter"]] = {}
 
@@ -78,7 +79,7 @@ def _put(buf: Tensor, rows: Tensor, val: Tensor) -> None:
     """buf[rows] = val, in place. ``rows`` is a LongTensor of samples, or a bool mask over all samples with
     ``val`` holding a row per sample: a dense update without a host sync (the CUDA-graph path)."""
     if rows.dtype == torch.bool:
-        buf.copy_(torch.where(rows.view(-1, *([1] * (buf.ndim - 1))), val, buf))
+        buf.copy_(torch.where(per_sample(rows, buf), val, buf))
     else:
         buf[rows] = val
 
@@ -170,6 +171,6 @@ class Medusa(Drafter):
         seen = (self.t[rows] >= 0).nonzero().squeeze(1)
         if seen.numel():
             r = rows[seen]
-            v[seen] = net(y[seen], s[seen], r, step=j if step is None else step[seen], features=self.h[r], x_src=self.x[r], t_src=self.t[r],
-                          x1_src=self.x1[r])
+            v[seen] = net(y[seen], s[seen], r, step=j if step is None else step[seen], features=self.h[r],
+                          x_src=self.x[r], t_src=self.t[r], x1_src=self.x1[r])
         return v

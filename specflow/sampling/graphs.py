@@ -30,7 +30,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from specflow.sampling.opcount import SYNCING, _mask_indexing
+from specflow.sampling.opcount import waits_for_device
 
 EMULATE = False  # on CPU tensors, emulate capture and replay (tests); CUDA tensors always use CUDA graphs
 
@@ -96,7 +96,7 @@ class _Record(TorchDispatchMode):
         self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in SYNCING or _mask_indexing(func, args):  # what a CUDA capture refuses
+        if waits_for_device(func, args):  # what a CUDA capture refuses
             raise RuntimeError(f"a captured piece must not wait for the device, but it ran {func}; move it out "
                                f"of the piece (plan on the host) or use a fixed-shape form (torch.where)")
         out = func(*args, **(kwargs or {}))

@@ -116,7 +116,7 @@ class OpCounter(TorchDispatchMode):
                     self._host[o] = True
         else:
             self.ops += not (func.is_view or func in NO_KERNEL)
-            if func in SYNCING or _mask_indexing(func, args) or (  # or a device tensor copied into host data
+            if waits_for_device(func, args) or (  # or a device tensor copied into host data
                     func is aten.copy_.default and args[0] in self._host and args[1] not in self._host):
                 self.syncs.append(str(func))
         return out
@@ -143,7 +143,11 @@ class OpCounter(TorchDispatchMode):
         return call
 
 
-def _mask_indexing(func, args) -> bool:  # x[mask] and x[mask] = y find their rows with a nonzero
+def waits_for_device(func, args) -> bool:
+    """Whether this aten op's CUDA kernel makes the host wait: a syncing op, or boolean-mask indexing
+    (x[mask] and x[mask] = y find their rows with a nonzero)."""
+    if func in SYNCING:
+        return True
     if func not in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default):
         return False
     return any(i is not None and i.dtype == torch.bool for i in args[1])

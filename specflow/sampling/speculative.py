@@ -234,10 +234,9 @@ class Speculative(Sampler):
         self._observe(drafter, r, a, c.known)
         ex = c.known.long()  # the target's own step is neither proposed nor accepted
         c.counts += torch.stack([(torch.minimum(a + 1, c.L) - ex).sum(), (a - ex).sum()])
-        torch.where(rej, a + 1, c.L, out=c.adv)
         c.x.copy_(x)
         c.v.copy_(r.V[c.L, r.ar])
-        c.k += c.adv
+        c.k += torch.where(rej, a + 1, c.L)  # steps advanced
         torch.logical_and(~rej, c.k < self.steps, out=c.known)  # an all-accepted round evaluated y_L: it seeds the next
 
     def _draft(self, x, v, ex, k, p, jj, tab, drafter, draft) -> _Round:
@@ -357,12 +356,10 @@ class _Chain:
     known: Tensor  # (B,) bool: v was paid for (the last round accepted all its steps)
     W: Tensor      # (B,) window asked for
     L: Tensor = None    # (B,) window this round: min(W, N − k)
-    adv: Tensor = None  # (B,) steps advanced this round
     counts: Tensor = None  # (2,) draft steps proposed and accepted over the run
 
     def __post_init__(self):
-        self.L, self.adv = torch.zeros_like(self.k), torch.zeros_like(self.k)
-        self.counts = self.k.new_zeros(2)
+        self.L, self.counts = torch.zeros_like(self.k), self.k.new_zeros(2)
 
 
 _COMPILED: dict = {}
