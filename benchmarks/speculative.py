@@ -149,9 +149,10 @@ def overhead(args):
         if args.row_bucket:
             configs += [("speculative", dict(drafter=d, window=w, row_bucket=args.row_bucket))
                         for d in args.drafters for w in args.windows]
-        if args.compile_model:  # ragged calls would recompile (and re-record) for every new row count, and heun/ab2
-            #                     hold an output across the next call, which a replayed graph overwrites
-            configs = [(n, o) for n, o in configs if n in ("sde", "euler") or "row_bucket" in o]
+        if args.compile_model:  # ragged calls (sfm, speculative without a row bucket) would recompile and re-record
+            #                     for every new row count; fixed-shape samplers replay one graph per shape
+            fixed = ("sde", "euler", "ab2", "heun", "fastflow")
+            configs = [(n, o) for n, o in configs if n in fixed or "row_bucket" in o]
         if args.only:  # sde stays: the wall-time ratios are against it
             configs = [(n, o) for n, o in configs if n in set(args.only) | {"sde"}]
         sde_wall = None
@@ -226,7 +227,7 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[64])
     ap.add_argument("--row-bucket", type=int, default=0, help="--overhead: also run speculative with this row_bucket")
     ap.add_argument("--compile-model", action="store_true",
-                    help="--overhead: torch.compile the model (reduce-overhead); plain solvers and fixed-shape rows only")
+                    help="--overhead: torch.compile the model (reduce-overhead); fixed-shape samplers and rows only")
     ap.add_argument("--fixed-shape", action="store_true",
                     help="--overhead: also run speculative with every call padded to (window + 1)·batch rows")
     ap.add_argument("--repeats", type=int, default=3, help="--overhead: timed runs per sampler (the best is shown)")

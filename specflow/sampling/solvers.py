@@ -15,6 +15,8 @@ from specflow.sampling.noise import NoiseTable
 # Step sizes and coefficients are Python floats from the float64 grid, and the times handed to the model
 # are views of one tensor in the state's dtype: a step launches only its own few kernels (GPU latency),
 # and never waits for the device (the NaN checks are deferred to the end of the run: Sampler.defers_checks).
+# No model output is read after the next model call: a model that returns the same buffer every call (CUDA
+# graphs, torch.compile mode="reduce-overhead") overwrites it there.
 
 
 @register
@@ -45,8 +47,8 @@ class Heun(Sampler):
         for k in range(self.steps):
             d_cur = f(x, t[k], step=k)
             x_next = x.add(d_cur, alpha=h[k])  # Euler step
-            d_prime = f(x_next, t[k + 1], step=k)
-            x = x.add(d_cur + d_prime, alpha=h[k] / 2)  # 2nd order correction (model outputs are never written to)
+            x = x.add(d_cur, alpha=h[k] / 2)  # the trapezoid's first half now: d_cur is not read after the next call
+            x.add_(f(x_next, t[k + 1], step=k), alpha=h[k] / 2)  # 2nd order correction
         return x
 
 
@@ -60,15 +62,13 @@ class AB2(Sampler):
 
     def _run(self, f, x, grid, draft, generator, stats):
         t, h = grid.to(x.device, x.dtype), grid.diff().tolist()
-        d_prev = None
+        r = [0.0] + [h[k] / h[k - 1] for k in range(1, self.steps)]  # r = 0: the first step is Euler
+        base = x  # x_k − h_k·r_k/2·d_{k−1}: the previous velocity's share, added before the next call
         for k in range(self.steps):
             d_cur = f(x, t[k], step=k)
-            if d_prev is None:
-                x = x.add(d_cur, alpha=h[k])  # first step: Euler
-            else:
-                r = h[k] / h[k - 1]
-                x = x.add(d_cur, alpha=h[k] * (1 + r / 2)).add_(d_prev, alpha=-h[k] * r / 2)
-            d_prev = d_cur
+            x = base.add(d_cur, alpha=h[k] * (1 + r[k] / 2))
+            if k + 1 < self.steps:
+                base = x.add(d_cur, alpha=-h[k + 1] * r[k + 1] / 2)
         return x
 
 
