@@ -5,8 +5,9 @@
 #                                          #    ≤ 5 % goal), graphs, eager and fixed-shape rows (every call
 #                                          #    padded to (W+1)·B rows: does one shape steady the model's
 #                                          #    time?); 2. the CUDA-only tests
-#                                          #    (speculative and sfm graph replay = eager bit for bit, syncs);
-#                                          # 3. the same table at batch 4
+#                                          #    (speculative and sfm graph replay = eager bit for bit, syncs,
+#                                          #    the noise table drawn on the GPU from CPU streams); 3. sde
+#                                          #    and speculative seeded as generate() seeds them; 4. batch 4
 #   bash benchmarks/gpu_check.sh compile   # torch.compile: its CUDA test, compile=True rows, and the model
 #                                          # compiled to CUDA graphs under fixed-shape calls (minutes)
 set -uo pipefail
@@ -24,7 +25,10 @@ if [ "${1:-main}" = compile ]; then
         | tee "$out/gpu_overhead_b64_model_graphs.txt"
 else
     timeout 270 $bench --batch 64 --fixed-shape 2>&1 | tee "$out/gpu_overhead_b64.txt"
-    timeout 150 python -m pytest -q -p no:cacheprovider tests/test_syncs.py \
-        tests/test_graphs.py -k "(cuda or sync or replay) and not compiled" 2>&1 | tail -4
-    timeout 150 $bench --batch 4 2>&1 | tee "$out/gpu_overhead_b4.txt"
+    timeout 120 python -m pytest -q -p no:cacheprovider tests/test_syncs.py tests/test_graphs.py \
+        tests/test_sampler_api.py -k "(cuda or gpu or sync or replay) and not compiled" 2>&1 | tail -4
+    # what generate() / sample.py pass: one CPU stream per sample (the noise table is drawn on the GPU)
+    timeout 80 $bench --batch 64 --windows 8 --only sde speculative --per-sample 2>&1 \
+        | tee "$out/gpu_overhead_b64_per_sample.txt"
+    timeout 100 $bench --batch 4 --windows 4 8 2>&1 | tee "$out/gpu_overhead_b4.txt"
 fi

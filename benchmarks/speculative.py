@@ -11,7 +11,8 @@ Toy table columns (one run each, same N and η as sde):
   p_energy, p_ks   two-sample tests of speculative vs sde (independent seeds): large = no detectable bias
 Overhead mode (plain solvers, sfm, fastflow and speculative on one model, N = --steps; heun gets N/2 steps,
 i.e. the same N target calls): ``outside`` = wall time minus the time inside model calls (synchronised on
-CUDA before and after each call, so it is an upper bound on what the sampler adds), as a share of wall.
+CUDA before and after each call, so it is an upper bound on what the sampler adds), as a share of wall;
+``--per-sample`` seeds with one CPU generator per sample, as generate() and sample.py do.
 Dispatch mode (same samplers, 256-d toy mixture, batch 64): per round, the aten ops the sampler dispatches
 outside the model (≈ kernel launches when eager; CUDA graphs replay them as one launch each piece) and the
 host syncs (device values read on the host: fetches + syncing ops). Counted by dispatch
@@ -26,6 +27,7 @@ import torch
 
 from specflow.data.toy import GaussianMixture
 from specflow.sampling import build_sampler
+from specflow.sampling.noise import per_sample_generators
 
 
 def make_model(name: str, dim: int, device: str):
@@ -130,7 +132,8 @@ def overhead(args):
     for batch in args.batch:
         params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
         print(f"\nsampler overhead: {args.model} ({params / 1e6:.1f}M params), "
-              f"batch {batch}, N = {args.steps}, device {_device_name(args.device)}")
+              f"batch {batch}, N = {args.steps}, device {_device_name(args.device)}"
+              f"{', per-sample CPU generators' if args.per_sample else ''}")
         print(f"{'sampler':>12} {'options':>32} {'seq/N':>6} {'total/N':>8} {'rounds':>6} {'wall s':>7} "
               f"{'model s':>8} {'outside':>8} {'wall×sde':>8}")
         noise = torch.randn(batch, *shape, device=args.device, generator=torch.Generator(args.device).manual_seed(0))
@@ -162,7 +165,10 @@ def overhead(args):
                 if name in ("sde", "speculative"):
                     opts["eta"] = args.eta
                 s = build_sampler(name, **opts)
-                gen = lambda seed: torch.Generator(args.device).manual_seed(seed)  # noqa: E731
+                if args.per_sample:  # what generate() / sample.py pass: one CPU stream per sample
+                    gen = lambda seed: per_sample_generators(seed, range(batch))  # noqa: E731
+                else:
+                    gen = lambda seed: torch.Generator(args.device).manual_seed(seed)  # noqa: E731
                 s.sample(model, noise, generator=gen(1))  # warm-up (the bandits learn here too)
                 best = None
                 for rep in range(args.repeats):  # the least-disturbed of a few runs
@@ -232,6 +238,8 @@ def main():
                     help="--overhead: also run speculative with every call padded to (window + 1)·batch rows")
     ap.add_argument("--repeats", type=int, default=3, help="--overhead: timed runs per sampler (the best is shown)")
     ap.add_argument("--compile", action="store_true", help="--overhead on CUDA: also speculative compile=True rows")
+    ap.add_argument("--per-sample", action="store_true",
+                    help="--overhead: per-sample CPU generators, as generate() and sample.py use them")
     ap.add_argument("--only", nargs="+", default=None, help="--overhead: only these samplers (names)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = ap.parse_args()

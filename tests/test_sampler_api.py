@@ -4,7 +4,7 @@ import torch
 
 from specflow.data.toy import GaussianMixture
 from specflow.sampling import SAMPLERS, build_sampler
-from specflow.sampling.noise import per_sample_generators
+from specflow.sampling.noise import NoiseTable, on_device, per_sample_generators, seeded_on
 
 GM = GaussianMixture.default(dim=2)
 
@@ -111,6 +111,31 @@ def test_per_sample_generators_make_a_sample_independent_of_its_batch(options):
     torch.testing.assert_close(alone, full[idx], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(single, full[5:6], rtol=1e-12, atol=1e-12)
     assert noise.equal(_noise(40))  # the caller's noise is never written to
+
+
+def test_a_generator_on_another_device_seeds_one_on_the_states_device():
+    a, b, c = (torch.Generator().manual_seed(s) for s in (3, 3, 4))
+    assert on_device(a, torch.device("cpu")) is a  # on the state's device: drawn from directly
+    ga, gb, gc = seeded_on("cpu", a), seeded_on("cpu", b), seeded_on("cpu", c)
+    assert torch.randn(8, generator=ga).equal(torch.randn(8, generator=gb))  # a function of the stream only
+    ga2 = seeded_on("cpu", torch.Generator().manual_seed(3))
+    assert not torch.randn(8, generator=gc).equal(torch.randn(8, generator=ga2))
+    assert torch.rand(4, generator=a).equal(torch.rand(4, generator=b))  # both streams moved on by one draw
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("name,options", [("sde", {}), ("speculative", dict(drafter="extrapolate", window=4))])
+def test_cpu_streams_draw_the_noise_table_on_the_gpu(name, options):
+    """generate() passes CPU per-sample streams: the table is drawn on the GPU (not made on the CPU and copied),
+    reproducibly, and a sample is still the same alone or in its batch."""
+    noise, idx = _noise(40).cuda(), [5, 17, 33]
+    table = NoiseTable(30, noise, per_sample_generators(7, range(40)), uniforms=True)
+    assert table.eps.is_cuda and table.u.is_cuda
+    assert table.eps.equal(NoiseTable(30, noise, per_sample_generators(7, range(40))).eps)
+    s = build_sampler(name, steps=30, **options)
+    full = s.sample(GM, noise, generator=per_sample_generators(7, range(40))).samples
+    alone = s.sample(GM, noise[idx], generator=per_sample_generators(7, idx)).samples
+    torch.testing.assert_close(alone, full[idx], rtol=1e-12, atol=1e-12)
 
 
 def test_conditioning_follows_the_rows_of_ragged_calls():

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from specflow.sampling.opcount import host_side
+
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
@@ -49,14 +51,51 @@ def _draw(fn, shape, generator, like: Tensor) -> Tensor:
 
 
 class NoiseTable:
-    """eps[k]: the ε of grid step k for every sample, (N, B, ...); u[k]: a uniform per (step, sample)."""
+    """eps[k]: the ε of grid step k for every sample, (N, B, ...); u[k]: a uniform per (step, sample).
+
+    Drawn on the state's device: a generator that lives elsewhere (``generate`` keeps its per-sample streams on
+    the CPU so that the initial noise is the same on every device) seeds a fresh generator there with one draw
+    of its stream, instead of making the N·B·D values on the CPU and copying them over — which cost more than
+    a whole GPU run's sampler overhead. A sample's table still depends on its own stream only.
+    """
 
     def __init__(self, steps: int, like: Tensor, generator: Generators, uniforms: bool = False):
-        B, rest = like.shape[0], tuple(like.shape[1:])
+        B, rest, dev, dtype = like.shape[0], tuple(like.shape[1:]), like.device, like.dtype
+        self.u = None
         if generator is None or isinstance(generator, torch.Generator):
-            self.eps = _draw(torch.randn, (steps, B, *rest), generator, like)
-            self.u = _draw(torch.rand, (steps, B), generator, like) if uniforms else None
-        else:  # per-sample streams: sample b's noise is drawn from its own generator, step-major
-            per = randn((B, steps, *rest), generator, like)
-            self.eps = per.transpose(0, 1)
-            self.u = rand((B, steps), generator, like).transpose(0, 1) if uniforms else None
+            g = None if generator is None else on_device(generator, dev)
+            self.eps = torch.randn((steps, B, *rest), generator=g, device=dev, dtype=dtype)
+            if uniforms:
+                self.u = torch.rand((steps, B), generator=g, device=dev, dtype=dtype)
+            return
+        gens = [on_device(g, dev) for g in generator]  # per-sample streams
+        if len(gens) != B:
+            raise ValueError(f"got {len(gens)} per-sample generators for a batch of {B}; pass one per sample")
+        eps, u = like.new_empty((B, steps, *rest)), like.new_empty((B, steps))
+        for b, g in enumerate(gens):  # set-up time only: B launches; each sample's stream, step-major
+            torch.randn((steps, *rest), generator=g, out=eps[b])
+        if uniforms:
+            for b, g in enumerate(gens):
+                torch.rand((steps,), generator=g, out=u[b])
+            self.u = u.transpose(0, 1)
+        self.eps = eps.transpose(0, 1)
+
+
+def on_device(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """``generator`` if it draws on ``device``, else a generator there seeded by one draw of its stream."""
+    if _same_device(generator.device, device):
+        return generator
+    return seeded_on(device, generator)
+
+
+@host_side
+def seeded_on(device: torch.device, generator: torch.Generator) -> torch.Generator:
+    """A generator on ``device`` seeded by one draw from ``generator`` (whose stream moves on by that draw).
+    Reads the seed on the host: no device wait for a CPU ``generator``."""
+    seed = torch.randint(2**63 - 1, (), generator=generator, device=generator.device)
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
