@@ -4,8 +4,9 @@
                                       seed=0, labels="cycle", guidance=None, draft=None, device="cpu")
 
 Sample i's initial noise and all of its sampler noise come from its own generator
-``per_sample_generators(seed, [i])`` (noise first, then the sampler continues the same stream), so sample i
-is the same whatever the batch size or the batch it lands in. Used by sample.py and the evaluation callback.
+``per_sample_generators(seed, [i])`` (noise first, then the sampler continues the same stream — on a GPU
+through a generator there seeded from it, see ``noise.NoiseTable``), so sample i is the same whatever the
+batch size or the batch it lands in. Used by sample.py and the evaluation callback.
 """
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ def sample_chunks(model, sampler: Sampler, indices, shape: tuple[int, ...], seed
     """Yield one ``SampleResult`` per chunk of ``batch_size`` sample indices.
 
     Row i starts from noise drawn from ``per_sample_generators(seed, [indices[i]])`` (on the CPU, so the noise is
-    the same on every device) and the sampler keeps drawing from that stream; ``labels`` (aligned with
+    the same on every device) and the sampler keeps drawing from that stream (on another device, from a generator
+    there seeded by it: the sampler noise, hence the samples, differ between CPU and GPU); ``labels`` (aligned with
     ``indices``, or None) are the class labels. So a sample is the same alone, in any batch, or on any rank —
     for every sampler whose per-sample work does not depend on its batch neighbours (euler, heun, sde,
     speculative with a fixed window, sfm with a fixed leap); samplers with a bandit learn from the whole batch.

@@ -14,18 +14,20 @@ from tests.test_drafts import FeatureGMM
 
 
 class ReusesOutputs:
-    """``net`` as CUDA graphs run it: each method returns one buffer per output shape, overwritten by the next
-    call of that shape; a call also fills that method's buffers of other shapes with NaN (their graphs' pools
-    are shared), so a stale read cannot go unnoticed."""
+    """``net`` as CUDA graphs run it (torch.compile mode="reduce-overhead"): each method returns one buffer per
+    output shape, and every invocation may overwrite what any earlier one returned — compiled target and draft
+    share one memory pool — so a call NaN-fills every buffer of ``pool`` first: a stale read cannot go
+    unnoticed. ``features`` then ``output`` count as one invocation (a trunk compiled as one)."""
 
-    def __init__(self, net):
-        self.net, self.bufs = net, {}
+    def __init__(self, net, pool: dict):
+        self.net, self.pool = net, pool
 
-    def _reuse(self, method: str, out: torch.Tensor) -> torch.Tensor:
-        for (m, *_), buf in self.bufs.items():
-            if m == method:
+    def _reuse(self, method: str, out: torch.Tensor, invocation: bool = True) -> torch.Tensor:
+        if invocation:
+            for buf in self.pool.values():
                 buf.fill_(float("nan"))
-        return self.bufs.setdefault((method, out.shape, out.dtype), torch.empty_like(out)).copy_(out)
+        key = (id(self), method, out.shape, out.dtype)
+        return self.pool.setdefault(key, torch.empty_like(out)).copy_(out)
 
     def __call__(self, *args, **kwargs):
         return self._reuse("forward", self.net(*args, **kwargs))
@@ -34,7 +36,7 @@ class ReusesOutputs:
         return self._reuse("features", self.net.features(*args))
 
     def output(self, h):
-        return self._reuse("output", self.net.output(h))
+        return self._reuse("output", self.net.output(h), invocation=False)
 
 
 def _mlp_draft(dim=2):
@@ -65,7 +67,8 @@ def test_a_model_that_reuses_its_output_buffer_gives_the_same_samples(name, opts
     draft = {"model": _mlp_draft(), "medusa": MedusaHeads(5, 2, None, hidden=8).double().eval()}.get(drafter)
     s_ref, s_got = build_sampler(name, steps=20, **opts), build_sampler(name, steps=20, **opts)
     ref = _sample(s_ref, target, draft)
-    got = _sample(s_got, ReusesOutputs(target), None if draft is None else ReusesOutputs(draft))
+    pool = {}
+    got = _sample(s_got, ReusesOutputs(target, pool), None if draft is None else ReusesOutputs(draft, pool))
     assert torch.equal(got.samples, ref.samples)
     assert got.stats.as_dict() | {"wall_time_s": 0} == ref.stats.as_dict() | {"wall_time_s": 0}
     assert _same(s_got.state_dict(), s_ref.state_dict())  # what a bandit (and fastflow's μ) learned
@@ -95,5 +98,5 @@ def test_control_a_sampler_that_holds_an_output_is_caught():
     gm = GaussianMixture.default()
     ref = _sample(_HoldingHeun(steps=20), gm, None)
     torch.testing.assert_close(ref.samples, _sample(Heun(steps=20), gm, None).samples)  # a correct Heun otherwise
-    got = _sample(_HoldingHeun(steps=20), ReusesOutputs(gm), None).samples  # d_cur reads d_prime: Euler-like
+    got = _sample(_HoldingHeun(steps=20), ReusesOutputs(gm, {}), None).samples  # d_cur reads d_prime
     assert (got - ref.samples).abs().max() > 1e-3

@@ -5,23 +5,37 @@ import pytest
 import torch
 
 from specflow.data.toy import GaussianMixture
+from specflow.path import time_grid
 from specflow.sampling import build_sampler
 
 MU, S = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64), 0.3
 
 
-def _err(name, steps):
+def _err(name, steps, schedule="uniform"):
     gm = GaussianMixture(MU, S)
     x0 = torch.randn(256, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    res = build_sampler(name, steps=steps).sample(gm.velocity, x0)
+    res = build_sampler(name, steps=steps, schedule=schedule).sample(gm.velocity, x0)
     return (res.samples - (MU + S * x0)).abs().max().item(), res.stats
 
 
+@pytest.mark.parametrize("schedule", ["uniform", "quadratic"])
 @pytest.mark.parametrize("name,order", [("euler", 1), ("heun", 2), ("ab2", 2)])
-def test_convergence_order(name, order):
-    e1, _ = _err(name, 20)
-    e2, _ = _err(name, 40)
+def test_convergence_order(name, order, schedule):
+    e1, _ = _err(name, 20, schedule)
+    e2, _ = _err(name, 40, schedule)
     assert abs(torch.log2(torch.tensor(e1 / e2)).item() - order) < 0.3, (e1, e2)
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "quadratic"])
+def test_ab2_is_exact_for_a_velocity_linear_in_t(schedule):
+    """AB2 integrates v = a + b·t exactly after its first (Euler) step, whose error is b·h0²/2 — on any grid,
+    if its variable-step coefficients are right (the convergence order cannot tell: on a smooth grid the
+    uniform-step formula is second order too)."""
+    a, b = torch.tensor([[0.3, -1.0]], dtype=torch.float64), 2.0
+    x0 = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x1 = build_sampler("ab2", steps=13, schedule=schedule).sample(lambda x, t: a + b * t[:, None], x0).samples
+    h0 = float(time_grid(13, dtype=torch.float64, schedule=schedule)[1])
+    torch.testing.assert_close(x1, x0 + a + b / 2 - b * h0**2 / 2, rtol=0, atol=1e-13)
 
 
 def test_sde_with_eta_zero_is_euler_and_counts():

@@ -96,9 +96,10 @@ class Sampler:
     def _run(self, f: Evaluator, x: Tensor, grid: Tensor, draft: Evaluator | None,
              generator: Generators, stats: SampleStats) -> Tensor:
         """The algorithm: integrate from x (t = 0) over ``grid`` (float64, on the host; move what the device
-        needs, read the rest without a sync), calling the target only through ``f``. A model output (and a
-        draft's) is read only before the next call of that model: CUDA-graphed models (torch.compile
-        mode="reduce-overhead") return the same buffer every call."""
+        needs, read the rest without a sync), calling the target only through ``f``. A model output (target
+        or draft) is read only before the next model call, or copied: CUDA-graphed models (torch.compile
+        mode="reduce-overhead") return the same buffers every call, and compiled target and draft share one
+        memory pool. (A trunk's ``features`` are read after its ``output`` runs: compile the two as one.)"""
         raise NotImplementedError
 
     # Learned state (bandits). Stateless samplers have none.

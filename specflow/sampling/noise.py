@@ -68,17 +68,18 @@ class NoiseTable:
             if uniforms:
                 self.u = torch.rand((steps, B), generator=g, device=dev, dtype=dtype)
             return
+        if len(generator) != B:
+            raise ValueError(f"got {len(generator)} per-sample generators for a batch of {B}; pass one per sample")
         gens = [on_device(g, dev) for g in generator]  # per-sample streams
-        if len(gens) != B:
-            raise ValueError(f"got {len(gens)} per-sample generators for a batch of {B}; pass one per sample")
-        eps, u = like.new_empty((B, steps, *rest)), like.new_empty((B, steps))
+        eps = like.new_empty((B, steps, *rest))
         for b, g in enumerate(gens):  # set-up time only: B launches; each sample's stream, step-major
             torch.randn((steps, *rest), generator=g, out=eps[b])
+        self.eps = eps.transpose(0, 1)
         if uniforms:
+            u = like.new_empty((B, steps))
             for b, g in enumerate(gens):
                 torch.rand((steps,), generator=g, out=u[b])
             self.u = u.transpose(0, 1)
-        self.eps = eps.transpose(0, 1)
 
 
 def on_device(generator: torch.Generator, device: torch.device) -> torch.Generator:

@@ -288,11 +288,12 @@ class RCA(SFM):
         k = 0
         while k < N:  # all samples move together: no check, so nothing makes them ragged
             L = min(self.leap, N - k)
+            dt = g[k + L] - g[k]
+            x_next = x.add(v, alpha=dt / 2)  # the trapezoid's first half: v is read before any further call
             y = self._leap(drafter, draft, x, v, torch.full((B,), k, device=x.device),
                            torch.full((B,), L, device=x.device), t, h, torch.full((B,), L), L)
-            x = x.add(v, alpha=(g[k + L] - g[k]) / 2)  # trapezoid, first half (v is not read after the call)
             v_s = f(y, t[k + L], step=k + L)  # target at the leap's end (step: the grid index of its time)
-            x.add_(v_s, alpha=(g[k + L] - g[k]) / 2)  # trapezoid correction, second half
+            x = x_next.add_(v_s, alpha=dt / 2)  # trapezoid correction, second half
             v = v_s  # reused at the corrected state: the lossy part
             drafter.observe(rows, y, t[k + L].expand(B), v_s, f.features)
             stats.rounds += 1

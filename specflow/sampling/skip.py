@@ -65,20 +65,19 @@ class FastFlow(Sampler):
     def _run(self, f, x, grid, draft, generator, stats):
         N, calibrating, errors = self.steps, self.mu_ is None, []
         g, t = grid.tolist(), grid.to(x.device, x.dtype)  # host times for the coefficients, device ones for the model
-        # A model output is never read after the next call (it may reuse its buffer): before each real call at
-        # k the last one's v_p is folded into pred = the extrapolated v̂_k and w = −v_p/(t_k − t_p).
-        pred = w = slope = pending = None  # pending: (context, S) the next real call measures
-        k = p = 0  # p: the previous real call
+        v_last = p = slope = pending = None  # p: the previous real call; pending: (context, S) the next measures
+        k = 0
         while k < N:
             v_k = f(x, t[k], step=k)  # a real call
-            if pred is not None:  # how far off the extrapolation from the last two real calls is here
-                e = f.fetch((pred - v_k).square().mean())[0].tolist()  # the real call's one host sync
-                errors.append(e)  # (it carries the deferred NaN checks)
+            if slope is not None:  # how far off the extrapolation from the last two real calls is here
+                err = (v_last + (g[k] - g[p]) * slope - v_k).square().mean()
+                e = f.fetch(err)[0].tolist()  # the one host sync of a real call (with the deferred NaN checks)
+                errors.append(e)
                 if pending is not None:
                     self._credit(*pending, e)
-            if w is not None:
-                slope = torch.add(w, v_k, alpha=1 / (g[k] - g[p]))  # (v_k − v_p)/(t_k − t_p)
-            p = k
+            if v_last is not None:
+                slope = (v_k - v_last) / (g[k] - g[p])  # (v_k − v_p)/(t_k − t_p)
+            v_last, p = v_k.clone(), k  # a copy: the model may write its next output into v_k's buffer
             x = x + (g[k + 1] - g[k]) * v_k  # Euler step with the real velocity
             S, pending = 0, None
             if slope is not None and k <= N - 2:  # a decision needs a real call after it to be measured
@@ -89,9 +88,6 @@ class FastFlow(Sampler):
             stats.rounds += 1
             stats.arm_counts[S] = stats.arm_counts.get(S, 0) + 1
             k += S + 1
-            if k < N:  # the next real call's prediction, and v_p's share of its slope
-                pred = None if slope is None else v_k + (g[k] - g[p]) * slope
-                w = v_k * (-1 / (g[k] - g[p]))
         if calibrating:  # μ: the median one-step-ahead extrapolation error of this plain-Euler batch
             self.mu_ = self.mu_scale * (float(torch.tensor(errors).median()) if errors else 0.0)
         return x

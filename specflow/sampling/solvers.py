@@ -15,8 +15,8 @@ from specflow.sampling.noise import NoiseTable
 # Step sizes and coefficients are Python floats from the float64 grid, and the times handed to the model
 # are views of one tensor in the state's dtype: a step launches only its own few kernels (GPU latency),
 # and never waits for the device (the NaN checks are deferred to the end of the run: Sampler.defers_checks).
-# No model output is read after the next model call: a model that returns the same buffer every call (CUDA
-# graphs, torch.compile mode="reduce-overhead") overwrites it there.
+# No model output is read after the next model call (Sampler._run): a model that returns the same buffer every
+# call (CUDA graphs, torch.compile mode="reduce-overhead") overwrites it there.
 
 
 @register
