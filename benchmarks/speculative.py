@@ -10,9 +10,11 @@ Toy table columns (one run each, same N and η as sde):
   total/N  target rows per sample / N (compute) wall×    wall time / sde's wall time (same process)
   p_energy, p_ks   two-sample tests of speculative vs sde (independent seeds): large = no detectable bias
 Overhead mode (plain solvers, sfm, fastflow and speculative on one model, N = --steps; heun gets N/2 steps,
-i.e. the same N target calls): ``outside`` = wall time minus the time inside model calls (synchronised on
-CUDA before and after each call, so it is an upper bound on what the sampler adds), as a share of wall;
-``--per-sample`` seeds with one CPU generator per sample, as generate() and sample.py do.
+i.e. the same N target calls): ``outside`` = wall time minus the time inside model calls, as a share of wall.
+On CUDA the time inside is read from CUDA events around each call (``--timer events``, the default: nothing
+added to the run) or from the host clock between synchronisations around each call (``--timer sync``: an
+upper bound on what the sampler adds; the H100 tables in RESULTS.md up to now used it). ``--per-sample``
+seeds with one CPU generator per sample, as generate() and sample.py do.
 Dispatch mode (same samplers, 256-d toy mixture, batch 64): per round, the aten ops the sampler dispatches
 outside the model (≈ kernel launches when eager; CUDA graphs replay them as one launch each piece) and the
 host syncs (device values read on the host: fetches + syncing ops). Counted by dispatch
@@ -61,19 +63,39 @@ class _Sum(torch.nn.Module):
 
 
 class Timed:
-    """Wraps a model; ``seconds`` accumulates the time spent inside it (synchronised on CUDA)."""
+    """Wraps a model; ``seconds``: the time spent inside it. ``events`` (CUDA): CUDA events recorded around each
+    call, read after the run — the GPU time from the model's start to its end, with no synchronisation
+    added, so the sampler's own pipelining is left as it is. Otherwise the host clock between device
+    synchronisations around each call: an upper bound on the time outside the model (a sync before each call
+    waits out the sampler's queued kernels, which a real run overlaps with launching the model)."""
 
-    def __init__(self, f, device):
-        self.f, self.seconds = f, 0.0
-        self.sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    def __init__(self, f, device, events: bool = False):
+        cuda = str(device).startswith("cuda")
+        self.f, self.total, self.events, self.pairs = f, 0.0, events and cuda, []
+        self.sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def __call__(self, x, t, cond=None):
+        if self.events:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            v = self.f(x, t) if cond is None else self.f(x, t, cond)
+            end.record()
+            self.pairs.append((start, end))
+            return v
         self.sync()
         t0 = time.perf_counter()
         v = self.f(x, t) if cond is None else self.f(x, t, cond)
         self.sync()
-        self.seconds += time.perf_counter() - t0
+        self.total += time.perf_counter() - t0
         return v
+
+    @property
+    def seconds(self) -> float:
+        if self.pairs:
+            torch.cuda.synchronize()
+            self.total += sum(a.elapsed_time(b) for a, b in self.pairs) / 1000
+            self.pairs.clear()
+        return self.total
 
 
 def energy_pvalue(a, b, perms=200, seed=0):
@@ -133,7 +155,8 @@ def overhead(args):
         params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
         print(f"\nsampler overhead: {args.model} ({params / 1e6:.1f}M params), "
               f"batch {batch}, N = {args.steps}, device {_device_name(args.device)}"
-              f"{', per-sample CPU generators' if args.per_sample else ''}")
+              f"{', per-sample CPU generators' if args.per_sample else ''}, time inside the model by "
+              f"{'CUDA events' if args.timer == 'events' and str(args.device).startswith('cuda') else 'host clock'}")
         print(f"{'sampler':>12} {'options':>32} {'seq/N':>6} {'total/N':>8} {'rounds':>6} {'wall s':>7} "
               f"{'model s':>8} {'outside':>8} {'wall×sde':>8}")
         noise = torch.randn(batch, *shape, device=args.device, generator=torch.Generator(args.device).manual_seed(0))
@@ -172,7 +195,7 @@ def overhead(args):
                 s.sample(model, noise, generator=gen(1))  # warm-up (the bandits learn here too)
                 best = None
                 for rep in range(args.repeats):  # the least-disturbed of a few runs
-                    timed = Timed(model, args.device)
+                    timed = Timed(model, args.device, events=args.timer == "events")
                     st = s.sample(timed, noise, generator=gen(0)).stats
                     if best is None or st.wall_time_s - timed.seconds < best[0].wall_time_s - best[1]:
                         best = (st, timed.seconds)
@@ -236,6 +259,9 @@ def main():
                     help="--overhead: torch.compile the model (reduce-overhead); fixed-shape samplers and rows only")
     ap.add_argument("--fixed-shape", action="store_true",
                     help="--overhead: also run speculative with every call padded to (window + 1)·batch rows")
+    ap.add_argument("--timer", choices=("events", "sync"), default="events",
+                    help="--overhead on CUDA: time inside the model by CUDA events (no added syncs) or by the host "
+                         "clock between synchronisations around each call (an upper bound on the outside share)")
     ap.add_argument("--repeats", type=int, default=3, help="--overhead: timed runs per sampler (the best is shown)")
     ap.add_argument("--compile", action="store_true", help="--overhead on CUDA: also speculative compile=True rows")
     ap.add_argument("--per-sample", action="store_true",
