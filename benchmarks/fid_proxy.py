@@ -29,12 +29,13 @@ from specflow.tally import Tally
 class AcceptAll(Speculative):
     """LOSSY control: speculative sampling that skips verification (every draft step is accepted)."""
 
-    def _verify(self, r, ex, ka, act, L, noise):
-        _, p, q = super()._verify(r, ex, ka, act, L, noise)
-        return L.clone(), p, q
+    def _verify(self, r, ex, L, jj):
+        super()._verify(r, ex, L, jj)  # still computes the target's means, which the coupling reads
+        return L.clone()
 
 
-def samplers(steps: int) -> dict:
+def samplers(steps: int, rival_calls: int) -> dict:
+    n = rival_calls  # the plain solvers at speculation's sequential calls: what fewer steps alone would give
     return {
         "sde": build_sampler("sde", steps=steps),
         "speculative": build_sampler("speculative", steps=steps, window=8),
@@ -45,6 +46,9 @@ def samplers(steps: int) -> dict:
         "LOSSY accept-all": AcceptAll(steps=steps, window=8),
         "LOSSY rca": build_sampler("rca", steps=steps),
         f"LOSSY sde N={max(steps // 10, 2)}": build_sampler("sde", steps=max(steps // 10, 2)),
+        f"RIVAL sde N={n}": build_sampler("sde", steps=n),
+        f"RIVAL ab2 N={n}": build_sampler("ab2", steps=n),
+        f"RIVAL heun N={max(n // 2, 1)}": build_sampler("heun", steps=max(n // 2, 1)),
     }
 
 
@@ -58,6 +62,9 @@ def main() -> None:
     ap.add_argument("--n-boot", type=int, default=200)
     ap.add_argument("--cache", default=None, help="FID-proxy classifier file (loaded, or trained and saved)")
     ap.add_argument("--only", nargs="*", default=None, help="subset of sampler labels")
+    ap.add_argument("--rival-calls", type=int, default=None,
+                    help="target calls of the RIVAL rows (plain solvers; heun takes half as many steps); set it to "
+                         "speculative's sequential NFE per sample (default: 0.3·steps)")
     args = ap.parse_args()
 
     target = TargetFlow.load_from_checkpoint(args.ckpt, map_location="cpu")
@@ -69,7 +76,7 @@ def main() -> None:
     real, _ = dm.images()
     ref = extract_features(extractor, real)  # all 1797 digits
     feats, rows = {}, []
-    for label, sampler in samplers(args.steps).items():
+    for label, sampler in samplers(args.steps, args.rival_calls or max(round(0.3 * args.steps), 1)).items():
         if args.only and label not in args.only:
             continue
         t0 = time.perf_counter()

@@ -1,0 +1,40 @@
+"""The benchmark scripts run by hand still run: tiny settings, so an API change cannot rot them silently."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from specflow.data.toy import GaussianMixture
+
+ROOT = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fid_proxy_lossy_control_accepts_every_draft_and_the_rivals_build():
+    fid = _load("fid_proxy")
+    samplers = fid.samplers(steps=20, rival_calls=6)
+    assert {"RIVAL sde N=6", "RIVAL ab2 N=6", "RIVAL heun N=3"} <= set(samplers)
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    st = samplers["LOSSY accept-all"].sample(GaussianMixture.default(), x0).stats
+    assert st.acceptance_rate == 1.0 and st.proposed > 0
+
+
+def test_speculative_benchmark_modes_run(monkeypatch, capsys):
+    bench = _load("speculative")
+    for argv in (["--dims", "2", "--samples", "200", "--windows", "4", "--steps", "12"],
+                 ["--overhead", "--model", "toy", "--batch", "8", "--steps", "12", "--windows", "4",
+                  "--repeats", "1", "--only", "speculative", "heun"],
+                 ["--overhead", "--model", "toy", "--batch", "8", "--steps", "12", "--windows", "4",
+                  "--repeats", "1", "--only", "sde", "--per-sample"]):
+        monkeypatch.setattr(sys, "argv", ["speculative.py", *argv])
+        bench.main()
+    out = capsys.readouterr().out
+    assert "sde-12" in out and "heun-" in out  # the toy table with its rivals at speculation's calls
+    assert "6 steps" in out and "per-sample CPU generators" in out  # overhead mode: heun-N/2, per-sample seeding
