@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu_check.sh           # 1. time outside the model per sampler at batch 64 (the issue's
 #                                          #    ≤ 5 % goal; time inside by CUDA events, no added syncs),
 #                                          #    graphs, eager and fixed-shape rows; 2. the CUDA-only tests
-#                                          #    (graph replay = eager bit for bit, syncs, the noise table
-#                                          #    drawn on the GPU from CPU streams); 3. speculative window 8
+#                                          #    (graph replay = eager bit for bit, the noise table drawn on
+#                                          #    the GPU from CPU streams); 3. speculative window 8
 #                                          #    timed the old way (syncs around each call: an upper bound);
 #                                          #    4. sde and speculative seeded as generate() seeds them
 #   bash benchmarks/gpu_check.sh compile   # torch.compile: its CUDA test, compile=True rows, the model
@@ -18,16 +18,16 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 bench="python benchmarks/speculative.py --overhead --model unet+toy --device cuda --windows 4 8 bandit --repeats 2"
 if [ "${1:-main}" = compile ]; then
-    timeout 150 python -m pytest -q -p no:cacheprovider tests/test_graphs.py -k compiled 2>&1 | tail -3
-    timeout 180 $bench --batch 64 --compile --only speculative 2>&1 | tee "$out/gpu_overhead_b64_compile.txt"
+    timeout 120 python -m pytest -q -p no:cacheprovider tests/test_graphs.py -k compiled_cuda 2>&1 | tail -3
+    timeout 150 $bench --batch 64 --compile --only speculative 2>&1 | tee "$out/gpu_overhead_b64_compile.txt"
     # the model itself as CUDA graphs (torch.compile reduce-overhead), possible once every call has one shape
     timeout 150 $bench --batch 64 --windows 4 8 --fixed-shape --compile-model 2>&1 \
         | tee "$out/gpu_overhead_b64_model_graphs.txt"
-    timeout 100 $bench --batch 4 --windows 4 8 2>&1 | tee "$out/gpu_overhead_b4.txt"
+    timeout 80 $bench --batch 4 --windows 4 8 --only sde speculative 2>&1 | tee "$out/gpu_overhead_b4.txt"
 else
     timeout 250 $bench --batch 64 --fixed-shape 2>&1 | tee "$out/gpu_overhead_b64.txt"
-    timeout 90 python -m pytest -q -p no:cacheprovider tests/test_syncs.py tests/test_graphs.py \
-        tests/test_sampler_api.py -k "(cuda or gpu or sync or replay) and not compiled" 2>&1 | tail -4
+    timeout 90 python -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_sampler_api.py \
+        -k "cuda_graphs_replay or noise_table_on_the_gpu" 2>&1 | tail -4
     # the measure of the earlier H100 tables (host clock between syncs around each call), for comparison
     timeout 70 $bench --batch 64 --windows 8 --only speculative --timer sync 2>&1 \
         | tee "$out/gpu_overhead_b64_sync_timer.txt"

@@ -143,7 +143,7 @@ def toy_table(args):
     print(head)
     for dim in args.dims:
         model, shape = make_model("toy", dim, args.device)
-        data = model.sample(args.samples, torch.Generator().manual_seed(99))
+        data = GaussianMixture.default(dim=dim).sample(args.samples, torch.Generator().manual_seed(99))  # CPU
         noise = lambda seed: torch.randn(args.samples, *shape, device=args.device, dtype=torch.float64,
                                          generator=torch.Generator(args.device).manual_seed(seed))
         run("sde", model, noise(0), 0, steps=args.steps, eta=args.eta)  # warm-up
