@@ -1,4 +1,5 @@
-"""The benchmark scripts run by hand still run: tiny settings, so an API change cannot rot them silently."""
+"""benchmarks/speculative.py (toy table, overhead mode) and fid_proxy.py (its samplers) still run, on tiny
+settings, so that an API change cannot rot them silently."""
 import importlib.util
 import sys
 from pathlib import Path
