@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale w (1 = plain conditional, 0 = unconditional); needs --labels")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    p.add_argument("--precision", default="32", choices=("32", "bf16", "16"),
+                   help="the networks' precision: 32, or bf16 / 16 under autocast (the sampler stays in float32)")
     p.add_argument("--out", default="outputs/samples", help="output directory")
     return p
 
@@ -140,11 +142,13 @@ def run(args) -> int:
         raise ValueError(f"sampler {args.sampler!r} with drafter {options.get('drafter')!r} needs --draft "
                          f"(a checkpoint from train_draft.py)")
 
-    g = generate(target, sampler, args.num_samples, args.batch_size, args.seed, labels, args.guidance, draft, device)
+    g = generate(target, sampler, args.num_samples, args.batch_size, args.seed, labels, args.guidance, draft, device,
+                 args.precision)
     st = g.stats.as_dict()
     meta = {"target": str(args.target), "draft": args.draft, "sampler": args.sampler, "options": options,
             "steps": args.steps, "n": args.num_samples, "batch_size": args.batch_size, "seed": args.seed,
-            "labels": args.labels, "guidance": args.guidance, "device": str(device), "stats": st}
+            "labels": args.labels, "guidance": args.guidance, "device": str(device), "precision": args.precision,
+            "stats": st}
     arrays = {"samples": g.samples, "meta": json.dumps(meta, default=str)}
     if g.labels is not None:
         arrays["labels"] = g.labels

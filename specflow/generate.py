@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from specflow.precision import autocast
 from specflow.sampling.base import Sampler
 from specflow.sampling.noise import per_sample_generators, randn
 from specflow.sampling.stats import SampleStats
@@ -96,10 +97,13 @@ def sample_indices(model, sampler: Sampler, indices, shape: tuple[int, ...], see
 
 
 def generate(target, sampler: Sampler, n: int, batch_size: int, seed: int = 0, labels=None,
-             guidance: float | None = None, draft=None, device: str | torch.device = "cpu") -> Generated:
+             guidance: float | None = None, draft=None, device: str | torch.device = "cpu",
+             precision: str = "32") -> Generated:
     """n samples of ``target`` (a specflow net) with ``sampler``, ``batch_size`` at a time, on ``device``.
 
     ``guidance``: classifier-free guidance scale (None: the plain model; needs labels and a conditional net).
+    ``precision``: "32", or "bf16" / "16" to run the networks (target and draft) under autocast while the
+    sampler stays in float32 (``specflow.precision``).
     """
     from specflow.checkpoint import parse_device  # late: keeps this module free of Lightning at import
 
@@ -118,13 +122,14 @@ def generate(target, sampler: Sampler, n: int, batch_size: int, seed: int = 0, l
                          f"pass draft= (specflow.load_draft / sample.py --draft)")
     shape = sample_shape(target)
     lab = resolve_labels(labels, n, getattr(target, "num_classes", None), seed)
-    model = target
+    model = autocast(target, precision)  # validates precision
+    draft = None if draft is None else autocast(draft, precision)
     if guidance is not None:
         from specflow.lit.guidance import guidance as guided
 
         if lab is None:
             raise ValueError(f"guidance={guidance} needs class labels (labels='random', 'cycle' or a list)")
-        model = guided(target, guidance)
+        model = guided(model, guidance)
     outs, tally = [], Tally()
     for res in sample_chunks(model, sampler, range(n), shape, seed, lab, batch_size, dev, draft=draft):
         outs.append(res.samples.float().cpu())  # collect on the CPU: n may exceed what the device holds

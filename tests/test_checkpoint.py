@@ -156,6 +156,25 @@ def test_sample_py_samples_do_not_depend_on_the_batch_size(ckpts, tmp_path):
     assert np.abs(got[0][0] - got[0][1]).max() > 1e-3  # control: different samples really differ
 
 
+def test_sample_py_bf16_runs_the_networks_under_autocast(ckpts, tmp_path):
+    """--precision bf16: target and medusa heads under autocast (features pass through), samples near float32's;
+    with guidance too."""
+    sample = _sample_module()
+    runs = {}
+    for prec in ("32", "bf16"):
+        out = tmp_path / prec
+        assert sample.main([str(ckpts["target"]), "--draft", str(ckpts["medusa"]), "--sampler", "speculative",
+                            "--opt", "window=3", "--steps", "8", "-n", "4", "--labels", "cycle", "--precision", prec,
+                            "--out", str(out)]) == 0
+        with np.load(out / "samples.npz") as z:
+            runs[prec] = (z["samples"], json.loads(str(z["meta"])))
+    diff = np.abs(runs["bf16"][0] - runs["32"][0])
+    assert runs["bf16"][1]["precision"] == "bf16" and runs["bf16"][0].dtype == np.float32
+    assert 0 < diff.mean() < 0.05, diff.mean()  # bf16 rounding changes the samples a little, not more
+    assert sample.main([str(ckpts["target"]), "--sampler", "sde", "--steps", "4", "-n", "2", "--labels", "random",
+                        "--guidance", "2", "--precision", "bf16", "--out", str(tmp_path / "g")]) == 0
+
+
 @pytest.mark.parametrize("args,message", [
     (["-n", "0"], "positive"),
     (["--batch-size", "-1"], "positive"),
@@ -199,7 +218,7 @@ def test_sample_py_help_lists_every_option(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for opt in ("--draft", "--sampler", "--opt", "--steps", "--num-samples", "--batch-size", "--seed", "--labels",
-                "--guidance", "--device", "--out"):
+                "--guidance", "--device", "--precision", "--out"):
         assert opt in text, opt
 
 

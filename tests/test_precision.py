@@ -1,0 +1,60 @@
+"""Sampling with the network under autocast (specflow.precision) while the sampler stays in float32."""
+import pytest
+import torch
+from torch import nn
+
+from specflow.precision import Autocast, autocast
+from specflow.sampling import build_sampler
+
+
+class Probe(nn.Module):
+    """Records the autocast state its forward and trunk see; v = −x (a contraction), with a bf16-visible matmul."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3, bias=False)
+        nn.init.eye_(self.lin.weight)
+        self.in_channels, self.num_classes, self.seen = 3, None, []
+
+    def features(self, x, t, cond=None):
+        self.seen.append(("features", torch.is_autocast_enabled("cpu"), self.lin(x).dtype))
+        return self.lin(x)
+
+    def output(self, h):
+        self.seen.append(("output", torch.is_autocast_enabled("cpu"), h.dtype))
+        return -h
+
+    def forward(self, x, t, cond=None):
+        self.seen.append(("forward", torch.is_autocast_enabled("cpu"), self.lin(x).dtype))
+        return -self.lin(x)
+
+
+def test_full_precision_is_the_net_itself_and_bad_names_list_the_valid_ones():
+    net = Probe()
+    assert autocast(net, "32") is net
+    with pytest.raises(ValueError, match="valid: 32, bf16, 16"):
+        autocast(net, "fp8")
+
+
+def test_the_net_runs_under_autocast_and_the_sampler_in_float32():
+    net = Probe()
+    x0 = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
+    full = build_sampler("heun", steps=8).sample(net, x0).samples
+    res = build_sampler("heun", steps=8).sample(autocast(net, "bf16"), x0)
+    assert res.samples.dtype == torch.float32
+    assert net.seen[-1] == ("forward", True, torch.bfloat16) and net.seen[0] == ("forward", False, torch.float32)
+    err = (res.samples - full).abs().max().item()
+    assert 0 < err < 0.05  # bf16 rounding, and only that
+
+
+def test_a_trunk_passes_through_for_medusa_and_a_plain_callable_keeps_its_clear_error():
+    net = Probe()
+    wrapped = autocast(net, "bf16")
+    assert wrapped.in_channels == 3 and wrapped.num_classes is None  # attributes pass through
+    h = wrapped.features(torch.ones(2, 3), torch.zeros(2))
+    assert h.dtype == torch.bfloat16 and wrapped.output(h).shape == (2, 3)
+    assert [s[:2] for s in net.seen] == [("features", True), ("output", True)]
+    plain = Autocast(lambda x, t: -x, torch.bfloat16)
+    assert getattr(plain, "features", None) is None  # the sampler's "needs a trunk" check still sees none
+    with pytest.raises(ValueError, match="must expose features"):
+        build_sampler("speculative", steps=4, drafter="medusa").sample(plain, torch.randn(2, 3), draft=Probe())
