@@ -14,6 +14,7 @@ from specflow.cli import main
 from specflow.data import DigitsDataModule, ToyMixtureDataModule
 from specflow.lit.callbacks import SamplingEvaluation, sample_indices
 from specflow.lit.target import TargetFlow
+from specflow.precision import Autocast
 from specflow.sampling import build_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +117,16 @@ def test_bad_configuration_is_a_clear_error():
         SamplingEvaluation(every_n_steps=None)
     with pytest.raises(ValueError, match="feature_extractor"):
         SamplingEvaluation(feature_extractor="vgg")
+    with pytest.raises(ValueError, match="unknown precision 'fp8'; valid: 32, bf16, 16"):
+        SamplingEvaluation(precision="fp8")
+
+
+def test_precision_samples_the_ema_net_under_autocast():
+    model = TargetFlow(arch="mlp", net=dict(dim=2, hidden=16, depth=2), ema_decay=0.9)
+    net, restore = SamplingEvaluation(samplers=[dict(name="euler", steps=4)], precision="bf16")._velocity(model)
+    assert isinstance(net, Autocast) and net.dtype == torch.bfloat16
+    assert net.net is model.velocity_model(True)  # the EMA weights, as at full precision
+    restore()
 
 
 def test_digits_config_block_is_valid(tmp_path, capsys):

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from specflow.sampling import Sampler, build_sampler
 from specflow.generate import sample_indices, sample_shape  # noqa: F401  (sample_indices re-exported)
+from specflow.precision import autocast
 from specflow.tally import Tally
 
 DEFAULT_SAMPLERS = [{"name": "euler"}, {"name": "speculative"}, {"name": "sfm"}, {"name": "fastflow"}]
@@ -49,6 +50,7 @@ class SamplingEvaluation(pl.Callback):
         log_images, grid_size: log a grid of the first ``grid_size`` samples per sampler.
         ema: sample with the EMA weights (``pl_module.velocity_model(ema)``).
         guidance_scale: classifier-free guidance for a class-conditional model (None: plain conditional).
+        precision: "32", or "bf16" / "16" to sample with the net under autocast (the samplers stay in float32).
 
     Bandit samplers keep learning across evaluations, and their state is saved with the checkpoint. Their
     first evaluation is also their calibration (fastflow runs plain Euler on its first batch).
@@ -60,8 +62,9 @@ class SamplingEvaluation(pl.Callback):
                  inception_weights: str | None = None, classifier_cache: str | None = None,
                  classifier_steps: int = 600, reference_size: int = 1000, kid_subsets: int = 50,
                  log_images: bool = True, grid_size: int = 64, save_dir: str | None = None, ema: bool = True,
-                 guidance_scale: float | None = None):
+                 guidance_scale: float | None = None, precision: Literal["32", "bf16", "16"] = "32"):
         super().__init__()
+        autocast(None, precision)  # an unknown precision is a ValueError naming the valid ones
         if every_n_steps is None and every_n_epochs is None:
             raise ValueError("SamplingEvaluation needs every_n_steps or every_n_epochs (or both); got neither")
         for name, v in dict(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs).items():
@@ -84,7 +87,7 @@ class SamplingEvaluation(pl.Callback):
         self.classifier_cache, self.classifier_steps = classifier_cache, classifier_steps
         self.reference_size, self.kid_subsets = reference_size, kid_subsets
         self.log_images, self.grid_size, self.save_dir = log_images, grid_size, save_dir
-        self.ema, self.guidance_scale = ema, guidance_scale
+        self.ema, self.guidance_scale, self.precision = ema, guidance_scale, precision
         self.last_metrics: dict[str, float] = {}
         self._last_step = -1
         self._extractor = None
@@ -172,7 +175,8 @@ class SamplingEvaluation(pl.Callback):
         return metrics
 
     def _velocity(self, pl_module):
-        """The net to sample with (EMA by default, optionally guided) and a function restoring its mode."""
+        """The net to sample with (EMA by default, at ``precision``, optionally guided) and a function restoring
+        its mode."""
         if hasattr(pl_module, "velocity_model"):
             net = pl_module.ema if self.ema and hasattr(pl_module, "ema") else getattr(pl_module, "net", pl_module)
             was_training = net.training
@@ -180,6 +184,7 @@ class SamplingEvaluation(pl.Callback):
         else:
             net, was_training = pl_module, pl_module.training
             model = pl_module.eval()
+        model = autocast(model, self.precision)
         if self.guidance_scale is not None:
             from specflow.lit.guidance import guidance
 
