@@ -28,6 +28,7 @@ import time
 import torch
 
 from specflow.data.toy import GaussianMixture
+from specflow.precision import autocast
 from specflow.sampling import build_sampler
 from specflow.sampling.noise import per_sample_generators
 
@@ -177,13 +178,16 @@ def toy_table(args):
 def overhead(args):
     """Per sampler: NFE, wall time, time inside the model and the share outside it, plus wall time / sde's."""
     model, shape = make_model(args.model, args.dims[-1], args.device)
+    model = autocast(model, args.precision)  # the network in bf16/16 under autocast, the sampler in float32
     if args.compile_model:  # one CUDA graph per input shape (reduce-overhead): only fixed-shape samplers below
         model = torch.compile(model, mode="reduce-overhead", dynamic=False)
     for batch in args.batch:
         params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
         print(f"\nsampler overhead: {args.model} ({params / 1e6:.1f}M params), "
               f"batch {batch}, N = {args.steps}, device {_device_name(args.device)}"
-              f"{', per-sample CPU generators' if args.per_sample else ''}, time inside the model by "
+              f"{', per-sample CPU generators' if args.per_sample else ''}"
+              f"{f', model under {args.precision} autocast' if args.precision != '32' else ''}"
+              f", time inside the model by "
               f"{'CUDA events' if args.timer == 'events' and str(args.device).startswith('cuda') else 'host clock'}")
         print(f"{'sampler':>12} {'options':>32} {'seq/N':>6} {'total/N':>8} {'rounds':>6} {'wall s':>7} "
               f"{'model s':>8} {'outside':>8} {'wall×sde':>8}")
@@ -292,6 +296,8 @@ def main():
                          "clock between synchronisations around each call (an upper bound on the outside share)")
     ap.add_argument("--repeats", type=int, default=3, help="--overhead: timed runs per sampler (the best is shown)")
     ap.add_argument("--compile", action="store_true", help="--overhead on CUDA: also speculative compile=True rows")
+    ap.add_argument("--precision", default="32", choices=("32", "bf16", "16"),
+                    help="--overhead: the model under autocast at this precision (sample.py --precision)")
     ap.add_argument("--per-sample", action="store_true",
                     help="--overhead: per-sample CPU generators, as generate() and sample.py use them")
     ap.add_argument("--only", nargs="+", default=None, help="--overhead: only these samplers (names)")
