@@ -1,5 +1,5 @@
-"""benchmarks/speculative.py (toy table, overhead mode) and fid_proxy.py (its samplers) still run, on tiny
-settings, so that an API change cannot rot them silently."""
+"""benchmarks/speculative.py (toy table, overhead mode), deterministic.py (toy) and fid_proxy.py (its samplers)
+still run, on tiny settings, so that an API change cannot rot them silently."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -39,3 +39,12 @@ def test_speculative_benchmark_modes_run(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "sde-12" in out and "heun-" in out  # the toy table with its rivals at speculation's calls
     assert "6 steps" in out and "per-sample CPU generators" in out  # overhead mode: heun-N/2, per-sample seeding
+
+
+def test_deterministic_benchmark_runs_with_its_equal_cost_baselines(monkeypatch, capsys):
+    bench = _load("deterministic")
+    monkeypatch.setattr(sys, "argv", ["deterministic.py", "--steps", "12", "--batch", "16", "--models", "toy2",
+                                      "--warmup", "1"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "sfm" in out and "fastflow" in out and "ab2-" in out and "heun-" in out
