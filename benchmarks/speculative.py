@@ -249,8 +249,9 @@ def dispatch(args):
     print(f"\nops and host syncs per round outside the model: toy mixture 256-d, batch 64, N = {args.steps}, "
           f"torch {torch.__version__}")
     print(f"{'sampler':>12} {'options':>32} {'rounds':>6} {'calls':>6} {'ops/round':>10} {'syncs/round':>12}")
-    configs = [("sde", {}), ("euler", {}), ("heun", dict(steps=args.steps // 2)), ("sfm", dict(leap=4, tol=0.05)),
-               ("sfm", dict(leap="bandit", tol=0.05)), ("fastflow", {})]
+    configs = [("sde", {}), ("euler", {}), ("ab2", {}), ("heun", dict(steps=args.steps // 2)),
+               ("rca", dict(leap=4)), ("sfm", dict(leap=4, tol=0.05)), ("sfm", dict(leap="bandit", tol=0.05)),
+               ("fastflow", {})]
     configs += [("speculative", dict(drafter=d, window=w)) for d in args.drafters for w in args.windows]
     with torch.no_grad():
         for name, opts in configs:
