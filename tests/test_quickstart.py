@@ -1,7 +1,24 @@
-"""README command (1) end to end on tiny settings: trains, samples with every sampler, writes table and grid."""
+"""README set-up: exactly two commands, CI runs the second; command (1) end to end on tiny settings (trains,
+samples with the baselines and each accelerated sampler, writes table and grid)."""
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_second():
+    """A newcomer runs two commands: (1) the main job on the embedded default, (2) the tests — which CI runs."""
+    readme = (ROOT / "README.md").read_text()
+    setup = readme.split("## Set-up on a fresh machine", 1)[1].split("\n## ", 1)[0]
+    commands = [block.strip() for block in re.findall(r"```bash\n(.*?)```", setup, flags=re.S)]
+    assert len(commands) == 2, commands
+    assert commands[0] == "pip install -e . && python -m specflow.quickstart"
+    ci = [line for line in (ROOT / ".ci/run").read_text().splitlines()
+          if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci == [commands[1]] and "pytest" in commands[1]
 
 
 def test_quickstart_smoke(tmp_path):
