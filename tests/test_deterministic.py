@@ -140,6 +140,7 @@ def test_bandit_state_round_trips_through_the_sampler(name, opts):
     ("sfm", dict(arms=()), "empty"), ("sfm", dict(arms=(4, 2)), "increasing"), ("sfm", dict(arms=(0, 2)), "positive"),
     ("sfm", dict(policy="eps"), "ucb1"), ("sfm", dict(drafter="oracle"), "drafter"),
     ("rca", dict(leap="bandit"), "fixed leap"),
+    ("rca", dict(tol=0.1), r"unknown option\(s\) \['tol'\] for sampler 'rca'; valid: steps, schedule, drafter, leap"),
     ("fastflow", dict(arms=()), "empty"), ("fastflow", dict(arms=(0, 4, 2)), "increasing"),
     ("fastflow", dict(arms=(0, 1, 8)), "longer than"), ("fastflow", dict(mu_scale=0), "mu_scale"),
 ])

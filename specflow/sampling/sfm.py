@@ -271,6 +271,10 @@ class RCA(SFM):
     name = "rca"
     leap: int = 4
 
+    @classmethod
+    def option_names(cls) -> list[str]:  # sfm's check, bandit and graph options mean nothing here
+        return ["steps", "schedule", "drafter", "leap"]
+
     def __post_init__(self):
         if self.leap == "bandit":
             raise ValueError("rca accepts every leap, so a bandit has no error signal to learn from; "
