@@ -108,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    import torch
-
     from specflow.checkpoint import load_draft, load_target, parse_device
     from specflow.generate import generate
     from specflow.io import save_grid_atomic, save_npz_atomic

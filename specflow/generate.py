@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from specflow.precision import autocast
+from specflow.precision import autocast, check_precision
 from specflow.sampling.base import Sampler
 from specflow.sampling.noise import per_sample_generators, randn
 from specflow.sampling.stats import SampleStats
@@ -114,6 +114,7 @@ def generate(target, sampler: Sampler, n: int, batch_size: int, seed: int = 0, l
     if not isinstance(sampler, Sampler):
         raise ValueError(f"sampler must be built with specflow.sampling.build_sampler, got {type(sampler).__name__}")
     dev = parse_device(device)
+    check_precision(precision, dev)
     target = target.to(dev).eval()
     if draft is not None:
         draft = draft.to(dev).eval()

@@ -29,7 +29,7 @@ class Autocast:
         return self._run(self.net, x, *args, **kwargs).to(x.dtype)  # e.g. guidance combines in float32
 
     def __getattr__(self, name):  # only reached for attributes Autocast itself lacks
-        if name.startswith("__"):
+        if name.startswith("__") or "net" not in self.__dict__:
             raise AttributeError(name)
         attr = getattr(self.__dict__["net"], name)
         if name in ("features", "output") and callable(attr):  # a trunk (medusa drafters read its features)
@@ -37,10 +37,22 @@ class Autocast:
         return attr
 
 
-def autocast(net, precision: str = "32"):
-    """``net`` to be sampled at ``precision``: "32" (as is), "bf16" or "16" (autocast)."""
-    if precision not in PRECISIONS:
+def autocast(net, precision: str | int = "32"):
+    """``net`` to be sampled at ``precision``: "32" (as is), "bf16" or "16" (autocast); ints 32 / 16 as in
+    Lightning's ``precision``."""
+    dtype = PRECISIONS[check_precision(precision)]
+    return net if dtype is None else Autocast(net, dtype)
+
+
+def check_precision(precision: str | int, device: torch.device | None = None) -> str:
+    """``precision`` as a key of PRECISIONS, or a ValueError that names the valid ones (and, given the device,
+    a GPU without bfloat16)."""
+    key = str(precision)
+    if key not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)} "
                          f"(bf16 needs a GPU that has it, e.g. A100/H100; 16 may overflow to NaN)")
-    dtype = PRECISIONS[precision]
-    return net if dtype is None else Autocast(net, dtype)
+    if key == "bf16" and device is not None and torch.device(device).type == "cuda" and \
+            not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision bf16 on {torch.cuda.get_device_name(device)}, which has no bfloat16: "
+                         f"use --precision 16 or 32")
+    return key

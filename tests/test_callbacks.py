@@ -119,6 +119,7 @@ def test_bad_configuration_is_a_clear_error():
         SamplingEvaluation(feature_extractor="vgg")
     with pytest.raises(ValueError, match="unknown precision 'fp8'; valid: 32, bf16, 16"):
         SamplingEvaluation(precision="fp8")
+    assert SamplingEvaluation(precision=16).precision == "16"  # as Lightning users write it
 
 
 def test_precision_samples_the_ema_net_under_autocast():

@@ -157,8 +157,9 @@ def test_sample_py_samples_do_not_depend_on_the_batch_size(ckpts, tmp_path):
 
 
 def test_sample_py_bf16_runs_the_networks_under_autocast(ckpts, tmp_path):
-    """--precision bf16: target and medusa heads under autocast (features pass through), samples near float32's;
-    with guidance too."""
+    """--precision bf16 end to end: with a medusa draft (the trunk's features pass through the wrapper) the
+    samples stay near float32's and are recorded as bf16; guidance runs too. (That the nets really run under
+    autocast is tests/test_precision.py's job.)"""
     sample = _sample_module()
     runs = {}
     for prec in ("32", "bf16"):

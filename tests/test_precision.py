@@ -31,7 +31,8 @@ class Probe(nn.Module):
 
 def test_full_precision_is_the_net_itself_and_bad_names_list_the_valid_ones():
     net = Probe()
-    assert autocast(net, "32") is net
+    assert autocast(net, "32") is net and autocast(net, 32) is net  # Lightning writes precision as an int
+    assert autocast(net, 16).dtype == torch.float16
     with pytest.raises(ValueError, match="valid: 32, bf16, 16"):
         autocast(net, "fp8")
 
@@ -42,6 +43,7 @@ def test_the_net_runs_under_autocast_and_the_sampler_in_float32():
     full = build_sampler("heun", steps=8).sample(net, x0).samples
     res = build_sampler("heun", steps=8).sample(autocast(net, "bf16"), x0)
     assert res.samples.dtype == torch.float32
+    assert autocast(net, "bf16")(x0, torch.zeros(16)).dtype == torch.float32  # cast back: guidance mixes in fp32
     assert net.seen[-1] == ("forward", True, torch.bfloat16) and net.seen[0] == ("forward", False, torch.float32)
     err = (res.samples - full).abs().max().item()
     assert 0 < err < 0.05  # bf16 rounding, and only that

@@ -120,7 +120,9 @@ def test_a_generator_on_another_device_seeds_one_on_the_states_device():
     assert torch.randn(8, generator=ga).equal(torch.randn(8, generator=gb))  # a function of the stream only
     ga2 = seeded_on("cpu", torch.Generator().manual_seed(3))
     assert not torch.randn(8, generator=gc).equal(torch.randn(8, generator=ga2))
-    assert torch.rand(4, generator=a).equal(torch.rand(4, generator=b))  # both streams moved on by one draw
+    ref = torch.Generator().manual_seed(3)
+    torch.randint(2**63 - 1, (), generator=ref)
+    assert torch.rand(4, generator=a).equal(torch.rand(4, generator=ref))  # the stream moved on by one draw
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from specflow.sampling import Sampler, build_sampler
 from specflow.generate import sample_indices, sample_shape  # noqa: F401  (sample_indices re-exported)
-from specflow.precision import autocast
+from specflow.precision import autocast, check_precision
 from specflow.tally import Tally
 
 DEFAULT_SAMPLERS = [{"name": "euler"}, {"name": "speculative"}, {"name": "sfm"}, {"name": "fastflow"}]
@@ -62,9 +62,9 @@ class SamplingEvaluation(pl.Callback):
                  inception_weights: str | None = None, classifier_cache: str | None = None,
                  classifier_steps: int = 600, reference_size: int = 1000, kid_subsets: int = 50,
                  log_images: bool = True, grid_size: int = 64, save_dir: str | None = None, ema: bool = True,
-                 guidance_scale: float | None = None, precision: Literal["32", "bf16", "16"] = "32"):
+                 guidance_scale: float | None = None, precision: Literal["32", "bf16", "16", 32, 16] = "32"):
         super().__init__()
-        autocast(None, precision)  # an unknown precision is a ValueError naming the valid ones
+        precision = check_precision(precision)
         if every_n_steps is None and every_n_epochs is None:
             raise ValueError("SamplingEvaluation needs every_n_steps or every_n_epochs (or both); got neither")
         for name, v in dict(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs).items():

@@ -28,26 +28,19 @@ def per_sample_generators(seed: int, indices: Sequence[int] | Tensor, device="cp
 
 
 def randn(shape: Sequence[int], generator: Generators, like: Tensor) -> Tensor:
-    """Standard normal of shape (B, *rest) on ``like``'s device/dtype; rows come from per-sample streams
-    when ``generator`` is a list."""
-    return _draw(torch.randn, shape, generator, like)
-
-
-def rand(shape: Sequence[int], generator: Generators, like: Tensor) -> Tensor:
-    return _draw(torch.rand, shape, generator, like)
-
-
-def _draw(fn, shape, generator, like: Tensor) -> Tensor:
+    """Standard normal of shape (B, *rest) on ``like``'s device/dtype, drawn where the generator lives (the
+    same numbers on every device); rows come from per-sample streams when ``generator`` is a list."""
     shape = tuple(shape)
     if generator is None:
-        return fn(shape, device=like.device, dtype=like.dtype)
+        return torch.randn(shape, device=like.device, dtype=like.dtype)
     if isinstance(generator, torch.Generator):
-        return fn(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
+        return torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
     gens = list(generator)
     if len(gens) != shape[0]:
         raise ValueError(f"got {len(gens)} per-sample generators for a batch of {shape[0]}; pass one per sample")
     # One call per sample at set-up time only (never inside the step loop).
-    return torch.stack([fn(shape[1:], generator=g, device=g.device, dtype=like.dtype) for g in gens]).to(like.device)
+    return torch.stack([torch.randn(shape[1:], generator=g, device=g.device, dtype=like.dtype)
+                        for g in gens]).to(like.device)
 
 
 class NoiseTable:
