@@ -2,7 +2,9 @@
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from specflow.nets import build_net
 from specflow.precision import Autocast, autocast
 from specflow.sampling import build_sampler
 
@@ -41,10 +43,12 @@ def test_the_net_runs_under_autocast_and_the_sampler_in_float32():
     net = Probe()
     x0 = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
     full = build_sampler("heun", steps=8).sample(net, x0).samples
-    res = build_sampler("heun", steps=8).sample(autocast(net, "bf16"), x0)
+    wrapped = autocast(net, "bf16")
+    res = build_sampler("heun", steps=8).sample(wrapped, x0)
     assert res.samples.dtype == torch.float32
-    assert autocast(net, "bf16")(x0, torch.zeros(16)).dtype == torch.float32  # cast back: guidance mixes in fp32
-    assert net.seen[-1] == ("forward", True, torch.bfloat16) and net.seen[0] == ("forward", False, torch.float32)
+    assert wrapped(x0, torch.zeros(16)).dtype == torch.float32  # cast back: guidance mixes in float32
+    assert net.seen[0] == ("forward", False, torch.float32)  # the plain run
+    assert wrapped.fast.seen[-1] == ("forward", True, torch.bfloat16)  # calls reach the low-precision copy
     err = (res.samples - full).abs().max().item()
     assert 0 < err < 0.05  # bf16 rounding, and only that
 
@@ -55,8 +59,41 @@ def test_a_trunk_passes_through_for_medusa_and_a_plain_callable_keeps_its_clear_
     assert wrapped.in_channels == 3 and wrapped.num_classes is None  # attributes pass through
     h = wrapped.features(torch.ones(2, 3), torch.zeros(2))
     assert h.dtype == torch.bfloat16 and wrapped.output(h).shape == (2, 3)
-    assert [s[:2] for s in net.seen] == [("features", True), ("output", True)]
+    assert [s[:2] for s in wrapped.fast.seen] == [("features", True), ("output", True)]
     plain = Autocast(lambda x, t: -x, torch.bfloat16)
     assert getattr(plain, "features", None) is None  # the sampler's "needs a trunk" check still sees none
     with pytest.raises(ValueError, match="must expose features"):
         build_sampler("speculative", steps=4, drafter="medusa").sample(plain, torch.randn(2, 3), draft=Probe())
+
+
+class _Casts(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.casts += func is torch.ops.aten._to_copy.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch,kwargs,shape", [
+    ("unet", dict(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_classes=10), (4, 1, 8, 8)),
+    ("dit", dict(image_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=10),
+     (4, 3, 8, 8))])
+def test_pre_cast_weights_give_autocast_bit_for_bit_without_casting_them_each_call(arch, kwargs, shape):
+    torch.manual_seed(0)
+    net = build_net(arch, **kwargs).eval()
+    for p in net.parameters():
+        nn.init.normal_(p, std=0.1)
+        p.requires_grad_(False)  # as load_target leaves them: autocast caches no casts of frozen weights
+    x, t, y = torch.randn(shape), torch.rand(shape[0]), torch.arange(shape[0])
+    wrapped = autocast(net, "bf16")  # casts the Linear/Conv weights once, here
+    with torch.no_grad():
+        plain, fast = _Casts(), _Casts()
+        with plain, torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = net(x, t, y).float()
+        with fast:
+            got = wrapped(x, t, y)
+    assert torch.equal(got, ref)
+    assert fast.casts < plain.casts / 2, (fast.casts, plain.casts)  # the weights are no longer cast per call
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # the caller's net is left as it was
