@@ -47,11 +47,12 @@ class Autocast:
 def _low_precision_copy(net, dtype: torch.dtype):
     if not isinstance(net, nn.Module):
         return net
-    fast = copy.deepcopy(net)
-    for m in fast.modules():
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):  # what autocast runs in dtype anyway
-            m.to(dtype)
-    return fast
+    memo = {}  # Linear/Conv parameters (what autocast runs in dtype anyway) enter the copy already cast:
+    for m in net.modules():  # no transient float32 duplicate of them
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            for p in m.parameters(recurse=False):
+                memo[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+    return copy.deepcopy(net, memo)
 
 
 def autocast(net, precision: str | int = "32"):
