@@ -5,7 +5,8 @@
 #                                          #    ≤ 5 % goal; time inside by CUDA events, no added syncs),
 #                                          #    graphs, eager and fixed-shape rows; 2. the CUDA-only tests
 #                                          #    (graph replay = eager bit for bit, the noise table drawn on
-#                                          #    the GPU from CPU streams); 3. speculative window 8
+#                                          #    the GPU from CPU streams, bf16 weights cast once = autocast
+#                                          #    bit for bit); 3. speculative window 8
 #                                          #    timed the old way (syncs around each call: an upper bound);
 #                                          #    4. sde and speculative seeded as generate() seeds them
 #   bash benchmarks/gpu_check.sh compile   # torch.compile: its CUDA test, compile=True rows, the model
@@ -29,7 +30,7 @@ if [ "${1:-main}" = compile ]; then
 else
     timeout 250 $bench --batch 64 --fixed-shape 2>&1 | tee "$out/gpu_overhead_b64.txt"
     timeout 90 python -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_sampler_api.py \
-        -k "cuda_graphs_replay or noise_table_on_the_gpu" 2>&1 | tail -4
+        tests/test_precision.py -k "cuda and not compiled or noise_table_on_the_gpu" 2>&1 | tail -4
     # the measure of the earlier H100 tables (host clock between syncs around each call), for comparison
     timeout 70 $bench --batch 64 --windows 8 --only speculative --timer sync 2>&1 \
         | tee "$out/gpu_overhead_b64_sync_timer.txt"

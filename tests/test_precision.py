@@ -76,21 +76,24 @@ class _Casts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
 @pytest.mark.parametrize("arch,kwargs,shape", [
     ("unet", dict(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_classes=10), (4, 1, 8, 8)),
     ("dit", dict(image_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=10),
      (4, 3, 8, 8))])
-def test_pre_cast_weights_give_autocast_bit_for_bit_without_casting_them_each_call(arch, kwargs, shape):
+def test_pre_cast_weights_give_autocast_bit_for_bit_without_casting_them_each_call(arch, kwargs, shape, device):
     torch.manual_seed(0)
-    net = build_net(arch, **kwargs).eval()
+    net = build_net(arch, **kwargs).eval().to(device)
     for p in net.parameters():
         nn.init.normal_(p, std=0.1)
         p.requires_grad_(False)  # as load_target leaves them: autocast caches no casts of frozen weights
-    x, t, y = torch.randn(shape), torch.rand(shape[0]), torch.arange(shape[0])
+    x, t = torch.randn(shape, device=device), torch.rand(shape[0], device=device)
+    y = torch.arange(shape[0], device=device)
     wrapped = autocast(net, "bf16")  # casts the Linear/Conv weights once, here
     with torch.no_grad():
         plain, fast = _Casts(), _Casts()
-        with plain, torch.autocast("cpu", dtype=torch.bfloat16):
+        with plain, torch.autocast(device, dtype=torch.bfloat16):
             ref = net(x, t, y).float()
         with fast:
             got = wrapped(x, t, y)
