@@ -151,36 +151,36 @@ def toy_table(args):
         ref = run("sde", model, noise(1), 1, steps=args.steps, eta=args.eta)
         N = args.steps
 
-        def row(name, window, res):
-            if isinstance(res, torch.Tensor):  # exact samples: the metrics' noise floor
-                print(f"{dim:>4} {name:>12} {'-':>7} {'-':>7} {'-':>6} {'-':>8} {'-':>6} "
-                      f"{energy_pvalue(res, ref.samples):9.3f} {ks_pvalue(res, ref.samples):6.3f} "
-                      f"{energy_distance(res, data):8.4f} "
-                      f"{mode_spread(res, model.means) / mode_spread(data, model.means):8.3f}")
-                return
-            st = res.stats
-            acc = "-" if st.proposed == 0 else f"{st.acceptance_rate:.3f}"
-            tests = ("-", "-") if res is ref else (f"{energy_pvalue(res.samples, ref.samples):.3f}",
-                                                   f"{ks_pvalue(res.samples, ref.samples):.3f}")
-            print(f"{dim:>4} {name:>12} {window:>7} {acc:>7} {st.sequential_nfe / N:6.2f} {st.total_nfe / N:8.2f} "
-                  f"{st.wall_time_s / ref.stats.wall_time_s:6.2f} {tests[0]:>9} {tests[1]:>6} "
-                  f"{energy_distance(res.samples, data):8.4f} "
-                  f"{mode_spread(res.samples, model.means) / mode_spread(data, model.means):8.3f}")
+        data_spread = mode_spread(data, model.means)
+
+        def row(name, window, samples, st=None):
+            """One line; ``st``: the run's stats (None for exact samples: no cost columns)."""
+            if st is None:
+                cost = f"{'-':>7} {'-':>6} {'-':>8} {'-':>6}"
+            else:
+                acc = "-" if st.proposed == 0 else f"{st.acceptance_rate:.3f}"
+                cost = (f"{acc:>7} {st.sequential_nfe / N:6.2f} {st.total_nfe / N:8.2f} "
+                        f"{st.wall_time_s / ref.stats.wall_time_s:6.2f}")
+            tests = (("-", "-") if samples is ref.samples else
+                     (f"{energy_pvalue(samples, ref.samples):.3f}", f"{ks_pvalue(samples, ref.samples):.3f}"))
+            print(f"{dim:>4} {name:>12} {window:>7} {cost} {tests[0]:>9} {tests[1]:>6} "
+                  f"{energy_distance(samples, data):8.4f} {mode_spread(samples, model.means) / data_spread:8.3f}")
 
         exact = GaussianMixture.default(dim=dim).sample(args.samples, torch.Generator().manual_seed(7))
         row("exact data", "-", exact)  # another draw of the data: what the columns read when nothing is wrong
-        row(f"sde-{N}", "-", ref)
+        row(f"sde-{N}", "-", ref.samples, ref.stats)
         best = N
         for drafter in args.drafters:
             for window in args.windows:
                 res = run("speculative", model, noise(2), 2, steps=N, eta=args.eta, drafter=drafter, window=window)
                 best = min(best, res.stats.sequential_nfe)
-                row(drafter, str(window), res)
+                row(drafter, str(window), res.samples, res.stats)
         # The plain solvers at the best speculative row's sequential calls: what fewer steps alone would give
         # (sde: the same SDE, coarser; euler/ab2/heun: the ODE, deterministic — another law than sde's).
         for name, steps in [("sde", best), ("euler", best), ("ab2", best), ("heun", max(best // 2, 1))]:
             opts = dict(eta=args.eta) if name == "sde" else {}
-            row(f"{name}-{steps}", "-", run(name, model, noise(2), 2, steps=steps, **opts))
+            res = run(name, model, noise(2), 2, steps=steps, **opts)
+            row(f"{name}-{steps}", "-", res.samples, res.stats)
 
 
 def overhead(args):

@@ -123,7 +123,7 @@ def generate(target, sampler: Sampler, n: int, batch_size: int, seed: int = 0, l
                          f"pass draft= (specflow.load_draft / sample.py --draft)")
     shape = sample_shape(target)
     lab = resolve_labels(labels, n, getattr(target, "num_classes", None), seed)
-    model = autocast(target, precision)  # validates precision
+    model = autocast(target, precision)
     draft = None if draft is None else autocast(draft, precision)
     if guidance is not None:
         from specflow.lit.guidance import guidance as guided

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from specflow.path import time_grid
-from specflow.sampling.noise import Generators
+from specflow.sampling.noise import Generators, check_streams
 from specflow.sampling.opcount import host_side
 from specflow.sampling.stats import Evaluator, SampleResult, SampleStats
 
@@ -63,8 +63,8 @@ class Sampler:
                 isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator))):
             raise ValueError(f"generator must be None, a torch.Generator or a list of them (one per sample), "
                              f"got {type(generator).__name__}")
-        if isinstance(generator, (list, tuple)) and len(generator) != B:
-            raise ValueError(f"got {len(generator)} per-sample generators for a batch of {B}; pass one per sample")
+        if isinstance(generator, (list, tuple)):
+            check_streams(generator, B)
         if self.needs_draft and draft is None:
             raise ValueError(f"sampler {self.name!r} with these options needs a draft network: "
                              f"call sample(..., draft=...) (see specflow.load_draft)")

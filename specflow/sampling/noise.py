@@ -35,9 +35,7 @@ def randn(shape: Sequence[int], generator: Generators, like: Tensor) -> Tensor:
         return torch.randn(shape, device=like.device, dtype=like.dtype)
     if isinstance(generator, torch.Generator):
         return torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
-    gens = list(generator)
-    if len(gens) != shape[0]:
-        raise ValueError(f"got {len(gens)} per-sample generators for a batch of {shape[0]}; pass one per sample")
+    gens = check_streams(generator, shape[0])
     # One call per sample at set-up time only (never inside the step loop).
     return torch.stack([torch.randn(shape[1:], generator=g, device=g.device, dtype=like.dtype)
                         for g in gens]).to(like.device)
@@ -61,18 +59,21 @@ class NoiseTable:
             if uniforms:
                 self.u = torch.rand((steps, B), generator=g, device=dev, dtype=dtype)
             return
-        if len(generator) != B:
-            raise ValueError(f"got {len(generator)} per-sample generators for a batch of {B}; pass one per sample")
-        gens = [on_device(g, dev) for g in generator]  # per-sample streams
-        eps = like.new_empty((B, steps, *rest))
-        for b, g in enumerate(gens):  # set-up time only: B launches; each sample's stream, step-major
+        eps, u = like.new_empty((B, steps, *rest)), like.new_empty((B, steps)) if uniforms else None
+        for b, g in enumerate(check_streams(generator, B)):  # set-up only: B launches; each sample's stream,
+            g = on_device(g, dev)  # step-major
             torch.randn((steps, *rest), generator=g, out=eps[b])
-        self.eps = eps.transpose(0, 1)
-        if uniforms:
-            u = like.new_empty((B, steps))
-            for b, g in enumerate(gens):
+            if u is not None:
                 torch.rand((steps,), generator=g, out=u[b])
-            self.u = u.transpose(0, 1)
+        self.eps, self.u = eps.transpose(0, 1), None if u is None else u.transpose(0, 1)
+
+
+def check_streams(generators, batch: int) -> list[torch.Generator]:
+    """Per-sample generators as a list, one per sample of the batch (else a ValueError that says so)."""
+    gens = list(generators)
+    if len(gens) != batch:
+        raise ValueError(f"got {len(gens)} per-sample generators for a batch of {batch}; pass one per sample")
+    return gens
 
 
 def on_device(generator: torch.Generator, device: torch.device) -> torch.Generator:
