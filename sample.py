@@ -4,9 +4,16 @@
     python sample.py runs/digits/checkpoints/last.ckpt --draft runs/digits_medusa/checkpoints/last.ckpt \
         --sampler speculative --opt window=8 --labels cycle --out outputs/medusa
     python sample.py runs/digits/checkpoints/last.ckpt --sampler sfm --opt leap=bandit --opt tol=0.05
+    torchrun --nproc-per-node 8 sample.py target.ckpt --sampler speculative -n 50000 --batch-size 250 \
+        --labels random --device cuda --out outputs/fid50k      # 8 GPUs share one run
 
-Outputs (written atomically, only after sampling succeeded): OUT/samples.png and OUT/samples.npz (samples,
-labels, and a JSON ``meta`` string with the command's settings and the stats).
+Outputs (written atomically, only after sampling succeeded): OUT/samples.png (the first 256) and OUT/samples.npz
+(samples, labels, and a JSON ``meta`` string with the command's settings and the stats). On the way each batch
+is written whole to OUT/parts/ (specflow/parts.py): the same command run again after a crash resumes at the
+first missing batch, and processes given ``--rank``/``--world-size`` (or torchrun's $RANK/$WORLD_SIZE) share
+the batches; the last to finish merges. Sample i has its own random stream, so the result is the same however
+the run was split, stopped or resumed (with a bandit sampler, each process's bandit learns from its own
+batches; a resumed one goes on from its last part).
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import argparse
 import ast
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -66,6 +74,13 @@ def check_writable(out: Path) -> None:
         raise ValueError(f"--out {str(out)!r} is not writable ({e.strerror or e}); pick another directory") from None
 
 
+def _fingerprint(draft) -> str:
+    """The draft's weights and kind, hashed: a resumed run must use the same draft."""
+    from specflow.checkpoint import fingerprint
+
+    return fingerprint(draft.specflow.drafter, {}, draft.state_dict())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Sample from a specflow target checkpoint (its EMA net) with any sampler; optionally a draft "
@@ -94,7 +109,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="32", choices=("32", "bf16", "16"),
                    help="the networks' precision: 32, or bf16 / 16 under autocast (the sampler stays in float32)")
     p.add_argument("--out", default="outputs/samples", help="output directory")
+    p.add_argument("--rank", type=int, default=None,
+                   help="this process's share of a run that several share: batches rank, rank + world, …; None: "
+                        "$RANK as torchrun sets it, else 0")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="how many processes share the run; None: $WORLD_SIZE as torchrun sets it, else 1")
+    p.add_argument("--keep-parts", action="store_true",
+                   help="keep OUT/parts/ (one file per batch) after merging; a run shared by several processes "
+                        "always keeps them")
     return p
+
+
+def process_share(rank: int | None, world: int | None) -> tuple[int, int]:
+    """(rank, world size) from the flags, else torchrun's environment, else (0, 1)."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", 1)) if world is None else world
+    rank = int(env.get("RANK", 0)) if rank is None else rank
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"--rank must lie in [0, --world-size) and --world-size be >= 1; got rank {rank}, "
+                         f"world size {world}")
+    return rank, world
+
+
+def device_for(device: str, world: int) -> str:
+    """Plain 'cuda' in a run shared by several processes means this process's GPU on its node: $LOCAL_RANK
+    (torchrun) or $SLURM_LOCALID (srun)."""
+    local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID"))
+    if device == "cuda" and world > 1 and local is not None:
+        return f"cuda:{int(local)}"
+    return device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> int:
     from specflow.checkpoint import load_draft, load_target, parse_device
-    from specflow.generate import generate
+    from specflow.generate import generate_batches
     from specflow.io import save_grid_atomic, save_npz_atomic
+    from specflow.parts import Parts
     from specflow.sampling import build_sampler
 
     # Everything that can be checked before sampling is checked first, so a bad call costs nothing.
@@ -118,7 +162,8 @@ def run(args) -> int:
         raise ValueError(f"-n/--num-samples must be a positive integer, got {args.num_samples}")
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    device = parse_device(args.device)
+    rank, world = process_share(args.rank, args.world_size)
+    device = parse_device(device_for(args.device, world))
     options = dict(parse_option(o) for o in args.opt)
     labels = parse_labels(args.labels)
     out = Path(args.out)
@@ -140,27 +185,50 @@ def run(args) -> int:
         raise ValueError(f"sampler {args.sampler!r} with drafter {options.get('drafter')!r} needs --draft "
                          f"(a checkpoint from train_draft.py)")
 
-    g = generate(target, sampler, args.num_samples, args.batch_size, args.seed, labels, args.guidance, draft, device,
-                 args.precision)
-    st = g.stats.as_dict()
+    key = {"target": target.specflow.fingerprint, "draft": None if draft is None else _fingerprint(draft),
+           "sampler": args.sampler, "options": options, "steps": args.steps, "n": args.num_samples,
+           "batch_size": args.batch_size, "seed": args.seed, "labels": args.labels, "guidance": args.guidance,
+           "precision": args.precision, "device": device.type}  # what a part must match to belong to this run
+    count = -(-args.num_samples // args.batch_size)
+    parts = Parts(out / "parts", key, count)
+    present = set(parts.present())  # parts of another run: an error here, before sampling
+    mine = [b for b in range(rank, count, world) if b not in present]
+    if mine and present:
+        print(f"resuming: {len(present)} of {count} parts already in {parts.folder}")
+    if mine and (state := parts.state_before(mine[0], world)):
+        sampler.load_state_dict(state)  # a bandit goes on from where this process's last part left it
+    for b, g in generate_batches(target, sampler, args.num_samples, args.batch_size, args.seed, labels,
+                                 args.guidance, draft, device, args.precision, batches=mine):
+        parts.write(b, g.samples, g.labels, g.stats, sampler.state_dict())
+        if count > 1:
+            print(f"part {b + 1}/{count}: {g.samples.shape[0]} samples, {g.stats.wall_time_s:.1f} s", flush=True)
+    missing = [b for b in range(count) if not parts.path(b).exists()]
+    if missing:
+        print(f"process {rank} of {world} done; {len(missing)} of {count} parts still to come from the others: the "
+              f"last process to finish writes {out / 'samples.npz'} (or run the same command again to merge)")
+        return 0
+
+    samples, labels_out, tally = parts.merge()
+    st = tally.stats().as_dict()
     meta = {"target": str(args.target), "draft": args.draft, "sampler": args.sampler, "options": options,
             "steps": args.steps, "n": args.num_samples, "batch_size": args.batch_size, "seed": args.seed,
             "labels": args.labels, "guidance": args.guidance, "device": str(device), "precision": args.precision,
-            "stats": st}
-    arrays = {"samples": g.samples, "meta": json.dumps(meta, default=str)}
-    if g.labels is not None:
-        arrays["labels"] = g.labels
+            "world_size": world, "stats": st}
+    arrays = {"samples": samples, "meta": json.dumps(meta, default=str)}
+    if labels_out is not None:
+        arrays["labels"] = labels_out
     npz = save_npz_atomic(out / "samples.npz", **arrays)
     png = None
-    if g.samples.ndim == 4 and g.samples.shape[1] in (1, 3):
-        scale = max(1, 64 // g.samples.shape[-1])  # small images are upsampled so the grid is viewable
-        png = save_grid_atomic(g.samples, out / "samples.png", scale=scale)
+    if samples.ndim == 4 and samples.shape[1] in (1, 3):
+        scale = max(1, 64 // samples.shape[-1])  # small images are upsampled so the grid is viewable
+        png = save_grid_atomic(samples[:256], out / "samples.png", scale=scale)
+    if world == 1 and not args.keep_parts:
+        shutil.rmtree(parts.folder)  # samples.npz holds them all now
     print(f"{args.sampler} {options or ''}  N={args.steps}  n={args.num_samples}  device={device}")
     width = max(len(k) for k in st)
     for k, v in st.items():
         print(f"  {k:<{width}}  {v:.4g}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
-    print(f"  {'seq_nfe/N per batch':<{width}}  "
-          f"{st['sequential_nfe'] / args.steps / -(-args.num_samples // args.batch_size):.3f}")
+    print(f"  {'seq_nfe/N per batch':<{width}}  {st['sequential_nfe'] / args.steps / count:.3f}")
     print(f"wrote {npz}" + (f" and {png}" if png else ""))
     return 0
 

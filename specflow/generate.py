@@ -11,6 +11,7 @@ batch size or the batch it lands in. Used by sample.py and the evaluation callba
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,22 @@ def generate(target, sampler: Sampler, n: int, batch_size: int, seed: int = 0, l
     ``precision``: "32", or "bf16" / "16" to run the networks (target and draft) under autocast while the
     sampler stays in float32 (``specflow.precision``).
     """
+    outs, labs, tally = [], [], Tally()
+    for _, g in generate_batches(target, sampler, n, batch_size, seed, labels, guidance, draft, device, precision):
+        outs.append(g.samples)
+        labs.append(g.labels)
+        tally.add(g.stats, g.samples.shape[0])
+    return Generated(torch.cat(outs), None if labs[0] is None else torch.cat(labs), tally.stats())
+
+
+def generate_batches(target, sampler: Sampler, n: int, batch_size: int, seed: int = 0, labels=None,
+                     guidance: float | None = None, draft=None, device: str | torch.device = "cpu",
+                     precision: str = "32", batches=None) -> Iterator[tuple[int, Generated]]:
+    """``generate()`` one batch at a time: yields ``(b, Generated)`` for batch b = samples b·batch_size … of the
+    n, for the batch indices in ``batches`` (default: all, in order) — each batch exactly as ``generate()``
+    makes it, so a run can be split into parts (sample.py: resumable, shared by processes). The arguments
+    are checked here, before the first batch is asked for.
+    """
     from specflow.checkpoint import parse_device  # late: keeps this module free of Lightning at import
 
     if not isinstance(n, int) or n <= 0:
@@ -113,6 +130,11 @@ def generate(target, sampler: Sampler, n: int, batch_size: int, seed: int = 0, l
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not isinstance(sampler, Sampler):
         raise ValueError(f"sampler must be built with specflow.sampling.build_sampler, got {type(sampler).__name__}")
+    count = math.ceil(n / batch_size)
+    batches = range(count) if batches is None else [int(b) for b in batches]
+    if any(not 0 <= b < count for b in batches):
+        raise ValueError(f"batch indices must lie in [0, {count - 1}] for n={n}, batch_size={batch_size}; "
+                         f"got {sorted(set(batches))}")
     dev = parse_device(device)
     check_precision(precision, dev)
     target = target.to(dev).eval()
@@ -131,8 +153,12 @@ def generate(target, sampler: Sampler, n: int, batch_size: int, seed: int = 0, l
         if lab is None:
             raise ValueError(f"guidance={guidance} needs class labels (labels='random', 'cycle' or a list)")
         model = guided(model, guidance)
-    outs, tally = [], Tally()
-    for res in sample_chunks(model, sampler, range(n), shape, seed, lab, batch_size, dev, draft=draft):
-        outs.append(res.samples.float().cpu())  # collect on the CPU: n may exceed what the device holds
-        tally.add(res.stats, res.samples.shape[0])
-    return Generated(torch.cat(outs), lab, tally.stats())
+
+    def run():
+        for b in batches:
+            idx = range(b * batch_size, min(n, (b + 1) * batch_size))
+            part_labels = None if lab is None else lab[idx.start:idx.stop]
+            res = next(sample_chunks(model, sampler, idx, shape, seed, part_labels, batch_size, dev, draft=draft))
+            # collected on the CPU: n may exceed what the device holds
+            yield b, Generated(res.samples.float().cpu(), part_labels, res.stats)
+    return run()

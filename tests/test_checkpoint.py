@@ -176,6 +176,94 @@ def test_sample_py_bf16_runs_the_networks_under_autocast(ckpts, tmp_path):
                         "--guidance", "2", "--precision", "bf16", "--out", str(tmp_path / "g")]) == 0
 
 
+def _samples(out):
+    with np.load(out / "samples.npz") as z:
+        return z["samples"], z["labels"], json.loads(str(z["meta"]))
+
+
+def test_sample_py_resumes_a_stopped_run_where_it_stopped(ckpts, tmp_path, capsys, monkeypatch):
+    """A run stopped after its first batch resumes at the second and gives the uninterrupted run's samples
+    bit for bit — with a bandit too, whose learned state travels with each part; a control that starts the
+    resumed bandit afresh gives other samples (the comparison can fail)."""
+    from specflow.parts import Parts
+
+    sample = _sample_module()
+    argv = [str(ckpts["target"]), "--sampler", "speculative", "--opt", "drafter=frozen", "--opt", "window=bandit",
+            "--opt", "policy=thompson", "--steps", "12", "-n", "7", "--batch-size", "3", "--labels", "random"]
+    assert sample.main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    whole, labels, meta = _samples(tmp_path / "whole")
+    assert not (tmp_path / "whole" / "parts").exists()  # merged: one process's parts are removed
+
+    write = Parts.write
+
+    def stop_after_the_first(self, b, *a):
+        if b == 1:
+            raise KeyboardInterrupt  # the job is killed while sampling batch 1
+        return write(self, b, *a)
+
+    for name, fresh_bandit in (("resumed", False), ("control", True)):
+        out = tmp_path / name
+        monkeypatch.setattr(Parts, "write", stop_after_the_first)
+        with pytest.raises(KeyboardInterrupt):
+            sample.main([*argv, "--out", str(out)])
+        assert [p.name for p in (out / "parts").iterdir()] == ["b000000.npz"] and not (out / "samples.npz").exists()
+        monkeypatch.setattr(Parts, "write", write)
+        if fresh_bandit:
+            monkeypatch.setattr(Parts, "state_before", lambda self, b, stride: None)
+        capsys.readouterr()
+        assert sample.main([*argv, "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert "resuming: 1 of 3 parts" in printed and "part 1/3" not in printed and "part 3/3" in printed
+        got, got_labels, got_meta = _samples(out)
+        assert np.array_equal(got_labels, labels) and got_meta["stats"]["sequential_nfe"] > 0
+        if fresh_bandit:
+            assert not np.array_equal(got, whole)  # the control: the bandit's state changes the samples
+        else:
+            assert np.array_equal(got, whole)
+
+
+def test_sample_py_processes_share_a_run_and_the_last_one_merges(ckpts, tmp_path, capsys, monkeypatch):
+    sample = _sample_module()
+    argv = [str(ckpts["target"]), "--sampler", "sde", "--steps", "4", "-n", "5", "--batch-size", "2",
+            "--labels", "cycle"]
+    assert sample.main([*argv, "--out", str(tmp_path / "one")]) == 0
+    one, _, _ = _samples(tmp_path / "one")
+    capsys.readouterr()
+    out = tmp_path / "shared"
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert sample.main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out  # process 1 of 2 makes batch 1 of 0, 1, 2
+    assert "part 2/3" in printed and "2 of 3 parts still to come" in printed and not (out / "samples.npz").exists()
+    assert sample.main([*argv, "--out", str(out), "--rank", "0"]) == 0  # the flag wins over $RANK
+    shared, _, meta = _samples(out)
+    assert np.array_equal(shared, one) and meta["world_size"] == 2
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["b000000.npz", "b000001.npz", "b000002.npz"]
+
+    # Parts of another run in the folder: an error naming what differs, before sampling; nothing touched.
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()}
+    capsys.readouterr()
+    assert sample.main([*argv, "--out", str(out), "--seed", "1", "--rank", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "another run" in err and "seed" in err and "steps" not in err
+    assert before == {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()}
+    assert sample.main([*argv, "--out", str(out), "--rank", "2"]) == 2
+    assert "--rank must lie in [0, --world-size)" in capsys.readouterr().err
+
+
+def test_sample_py_picks_each_process_its_own_gpu(monkeypatch):
+    sample = _sample_module()
+    for var in ("LOCAL_RANK", "SLURM_LOCALID"):
+        monkeypatch.delenv(var, raising=False)
+    assert sample.device_for("cuda", 4) == "cuda"
+    monkeypatch.setenv("SLURM_LOCALID", "2")  # srun
+    assert sample.device_for("cuda", 4) == "cuda:2"
+    monkeypatch.setenv("LOCAL_RANK", "3")  # torchrun
+    assert sample.device_for("cuda", 4) == "cuda:3"
+    assert sample.device_for("cuda", 1) == "cuda" and sample.device_for("cuda:1", 4) == "cuda:1"
+    assert sample.device_for("cpu", 4) == "cpu"
+
+
 @pytest.mark.parametrize("args,message", [
     (["-n", "0"], "positive"),
     (["--batch-size", "-1"], "positive"),
