@@ -44,10 +44,11 @@ def main():
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("-n", type=int, default=256, help="samples, one batch")
     ap.add_argument("--windows", nargs="+", default=["8"], help="speculative windows (ints or 'bandit')")
-    ap.add_argument("--leaps", nargs="+", default=["4", "bandit"], help="sfm leaps (ints or 'bandit')")
+    ap.add_argument("--leaps", nargs="*", default=["4", "bandit"], help="sfm leaps (ints or 'bandit'; none: no sfm rows)")
     ap.add_argument("--tol", type=float, default=0.05, help="sfm tolerance")
     ap.add_argument("--drafters", nargs="+", default=["frozen", "extrapolate", "model", "medusa"])
     ap.add_argument("--no-baselines", action="store_true", help="skip the sde / euler-M rows (faster reruns)")
+    ap.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (sample.py --guidance)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -69,12 +70,12 @@ def main():
     print(f"target {args.target} (fingerprint {target.specflow.fingerprint}, step {target.specflow.global_step})")
     print(f"FLOPs/sample: target {f_t / 1e6:.1f}M, draft net {f_d / 1e6:.1f}M ({f_t / f_d:.1f}x fewer), "
           f"medusa heads {f_h / 1e6:.1f}M ({f_t / f_h:.1f}x fewer)")
-    print(f"n = {n} samples in one batch, N = {N}, labels cycle, device {dev}\n")
+    print(f"n = {n} samples in one batch, N = {N}, labels cycle, guidance {args.guidance}, device {dev}\n")
 
     def run(name, draft=None, **opts):
         s = build_sampler(name, steps=N, **opts)
         t0 = time.perf_counter()
-        g = generate(target, s, n, n, args.seed, "cycle", None, draft, dev)
+        g = generate(target, s, n, n, args.seed, "cycle", args.guidance, draft, dev)
         return g, time.perf_counter() - t0
 
     print(f"{'sampler':>12} {'drafter':>12} {'window':>7} {'accept':>7} {'seq/N':>6} {'total/N':>8} "
@@ -87,6 +88,8 @@ def main():
         print(f"{name:>12} {d or '-':>12} {str(opts.get('window', '-')):>7} {st.acceptance_rate:7.3f} "
               f"{st.sequential_nfe / N:6.3f} {st.total_nfe / N:8.3f} {st.draft_nfe / N:8.3f} {wall:7.1f}", flush=True)
 
+    if not args.leaps:
+        return
     print(f"\n{'sampler':>12} {'drafter':>12} {'leap':>7} {'accept':>7} {'seq/N':>6} {'total/N':>8} "
           f"{'draft/N':>8} {'PSNR':>6} {'wall s':>7}")
     ref, wall = run("euler")
@@ -101,7 +104,7 @@ def main():
             M = max(1, round(st.total_nfe))  # the honest baseline: plain euler at sfm's cost
             if args.no_baselines:
                 continue
-            base = generate(target, build_sampler("euler", steps=M), n, n, args.seed, "cycle", None, None, dev)
+            base = generate(target, build_sampler("euler", steps=M), n, n, args.seed, "cycle", args.guidance, None, dev)
             print(f"{'':>12} {'euler-' + str(M):>12} {'':>7} {'':>7} {M / N:6.3f} {M / N:8.3f} {0.0:8.3f} "
                   f"{psnr(base.samples, ref.samples):6.1f}", flush=True)
 

@@ -148,11 +148,12 @@ def generate_batches(target, sampler: Sampler, n: int, batch_size: int, seed: in
     model = autocast(target, precision)
     draft = None if draft is None else autocast(draft, precision)
     if guidance is not None:
-        from specflow.lit.guidance import guidance as guided
+        from specflow.lit.guidance import guidance as guided, guide_draft
 
         if lab is None:
             raise ValueError(f"guidance={guidance} needs class labels (labels='random', 'cycle' or a list)")
         model = guided(model, guidance)
+        draft = None if draft is None else guide_draft(draft, guidance)  # it drafts the guided velocity
 
     def run():
         for b in batches:

@@ -61,7 +61,7 @@ class Evaluator:
         if keep_features and not has_trunk:
             raise ValueError(f"this drafter reads the {kind}'s trunk features, so the {kind} must expose "
                              f"features(x, t, cond) and output(h) (the specflow.nets UNet/MLP, as returned by "
-                             f"specflow.load_target); got {type(model).__name__}, e.g. a guidance wrapper or a "
+                             f"specflow.load_target); got {type(model).__name__}, e.g. a "
                              f"plain function — use another drafter there")
 
     def __call__(self, x: Tensor, t: Tensor, rows: Tensor | None = None, *, step=None, **context) -> Tensor:
