@@ -35,6 +35,23 @@ class Autocast:
     def __call__(self, x: Tensor, *args, **kwargs):
         return self._run(self.fast, x, *args, **kwargs).to(x.dtype)  # e.g. guidance combines in float32
 
+    def to(self, *args, **kwargs) -> "Autocast":
+        """Both nets moved to another device, still wrapped (a dtype would undo the pre-cast weights)."""
+        device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None:
+            raise ValueError(f"Autocast(...).to({dtype}) would change the weights' dtype; wrap the net again with "
+                             f"specflow.precision.autocast at the precision you want")
+        for name in ("net", "fast"):
+            if isinstance(self.__dict__[name], nn.Module):
+                self.__dict__[name].to(device)
+        return self
+
+    def eval(self) -> "Autocast":
+        for name in ("net", "fast"):
+            if isinstance(self.__dict__[name], nn.Module):
+                self.__dict__[name].eval()
+        return self
+
     def __getattr__(self, name):  # only reached for attributes Autocast itself lacks
         if name.startswith("__") or "fast" not in self.__dict__:
             raise AttributeError(name)

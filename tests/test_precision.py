@@ -66,6 +66,18 @@ def test_a_trunk_passes_through_for_medusa_and_a_plain_callable_keeps_its_clear_
         build_sampler("speculative", steps=4, drafter="medusa").sample(plain, torch.randn(2, 3), draft=Probe())
 
 
+def test_moving_the_wrapper_keeps_it_wrapped():
+    net = Probe().train()
+    wrapped = autocast(net, "bf16")
+    assert wrapped.to("cpu") is wrapped and wrapped.eval() is wrapped  # not the inner copy: autocast stays on
+    assert not wrapped.fast.training and not net.training
+    assert wrapped.fast.lin.weight.dtype == torch.bfloat16  # the pre-cast weights survive a device move
+    wrapped(torch.ones(2, 3), torch.zeros(2))
+    assert wrapped.fast.seen[-1] == ("forward", True, torch.bfloat16)
+    with pytest.raises(ValueError, match="wrap the net again"):
+        wrapped.to(torch.float64)
+
+
 class _Casts(TorchDispatchMode):
     def __init__(self):
         super().__init__()
