@@ -12,8 +12,10 @@ Outputs (written atomically, only after sampling succeeded): OUT/samples.png (th
 is written whole to OUT/parts/ (specflow/parts.py): the same command run again after a crash resumes at the
 first missing batch, and processes given ``--rank``/``--world-size`` (or torchrun's $RANK/$WORLD_SIZE) share
 the batches; the last to finish merges. Sample i has its own random stream, so the result is the same however
-the run was split, stopped or resumed (with a bandit sampler, each process's bandit learns from its own
-batches; a resumed one goes on from its last part).
+the run was split, stopped or resumed — except with a sampler that learns (window=bandit, leap=bandit,
+fastflow): each process's bandit learns from its own batches, so the samples depend on the number of processes,
+and such a run resumes only with the same number (a resumed process goes on from its last part's bandit).
+Run again once complete, the command says so and stops (``--force`` samples it again).
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ import argparse
 import ast
 import json
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -115,8 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=None,
                    help="how many processes share the run; None: $WORLD_SIZE as torchrun sets it, else 1")
     p.add_argument("--keep-parts", action="store_true",
-                   help="keep OUT/parts/ (one file per batch) after merging; a run shared by several processes "
-                        "always keeps them")
+                   help="keep this run's parts (OUT/parts/bNNNNNN.npz, one per batch) after merging; a run shared "
+                        "by several processes always keeps them (another process may be merging too)")
+    p.add_argument("--force", action="store_true",
+                   help="write OUT/samples.npz again (from this run's kept parts, else sampling anew) even if it already "
+                        "holds this run, or overwrite it if it holds another one")
     return p
 
 
@@ -133,11 +139,33 @@ def process_share(rank: int | None, world: int | None) -> tuple[int, int]:
 
 def device_for(device: str, world: int) -> str:
     """Plain 'cuda' in a run shared by several processes means this process's GPU on its node: $LOCAL_RANK
-    (torchrun) or $SLURM_LOCALID (srun)."""
+    (torchrun) or $SLURM_LOCALID (srun), modulo the GPUs this process sees (srun may give each task one)."""
     local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID"))
     if device == "cuda" and world > 1 and local is not None:
-        return f"cuda:{int(local)}"
+        import torch
+
+        gpus = torch.cuda.device_count()
+        return f"cuda:{int(local) % gpus if gpus else int(local)}"
     return device
+
+
+def finished(npz: Path, key: dict) -> bool:
+    """True if ``npz`` already holds the run with settings ``key`` (say so); a ValueError if it holds another
+    run, which sampling would overwrite; False if there is none yet."""
+    if not npz.exists():
+        return False
+    try:
+        with np.load(npz) as z:
+            theirs = json.loads(str(z["meta"])).get("key")
+    except Exception:
+        theirs = None
+    if theirs == key:
+        print(f"{npz} already holds this run; nothing to do (--force samples it again)")
+        return True
+    diff = "unknown settings" if not isinstance(theirs, dict) else ", ".join(
+        sorted(k for k in {*key, *theirs} if key.get(k) != theirs.get(k)))
+    raise ValueError(f"{npz} holds another run (it differs in {diff}); sampling would overwrite it: pick another "
+                     f"--out, or pass --force to overwrite")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,19 +217,39 @@ def run(args) -> int:
            "sampler": args.sampler, "options": options, "steps": args.steps, "n": args.num_samples,
            "batch_size": args.batch_size, "seed": args.seed, "labels": args.labels, "guidance": args.guidance,
            "precision": args.precision, "device": device.type}  # what a part must match to belong to this run
+    if sampler.state_dict():  # it learns from the batches its process made: the split is part of the run
+        key["world_size"] = world
     count = -(-args.num_samples // args.batch_size)
     parts = Parts(out / "parts", key, count)
-    present = set(parts.present())  # parts of another run: an error here, before sampling
-    mine = [b for b in range(rank, count, world) if b not in present]
-    if mine and present:
-        print(f"resuming: {len(present)} of {count} parts already in {parts.folder}")
-    if mine and (state := parts.state_before(mine[0], world)):
-        sampler.load_state_dict(state)  # a bandit goes on from where this process's last part left it
-    for b, g in generate_batches(target, sampler, args.num_samples, args.batch_size, args.seed, labels,
-                                 args.guidance, draft, device, args.precision, batches=mine):
-        parts.write(b, g.samples, g.labels, g.stats, sampler.state_dict())
-        if count > 1:
-            print(f"part {b + 1}/{count}: {g.samples.shape[0]} samples, {g.stats.wall_time_s:.1f} s", flush=True)
+    if not args.force and finished(out / "samples.npz", parts.key):
+        return 0
+    present, _ = parts.present()  # parts of another run: an error here, before sampling
+    share = range(rank, count, world)
+    mine = [b for b in share if b not in present]
+    if mine and len(mine) < len(share):
+        print(f"resuming: {len(share) - len(mine)} of this process's {len(share)} parts already in {parts.folder}")
+
+    fresh = sampler.state_dict()
+
+    def sample(batches):
+        """Make and write these batches, each after the sampler state its process had before it (a bandit's)."""
+        for i, (b, g) in enumerate(generate_batches(target, sampler, args.num_samples, args.batch_size, args.seed,
+                                                    labels, args.guidance, draft, device, args.precision,
+                                                    batches=batches)):
+            parts.write(b, g.samples, g.labels, g.stats, sampler.state_dict(), rank)
+            if count > 1:
+                print(f"part {b + 1}/{count}: {g.samples.shape[0]} samples, {g.stats.wall_time_s:.1f} s", flush=True)
+            if i + 1 < len(batches) and batches[i + 1] - world != b:  # generate_batches makes it once we go on
+                sampler.load_state_dict(parts.state_before(batches[i + 1], world) or fresh)
+
+    if mine:
+        sampler.load_state_dict(parts.state_before(mine[0], world) or fresh)
+    sample(mine)
+    _, damaged = parts.present()  # a part damaged after its process finished: nobody else would redo it
+    if damaged:
+        print(f"sampling again the damaged parts {damaged}")
+        sampler.load_state_dict(parts.state_before(damaged[0], world) or fresh)
+        sample(damaged)
     missing = [b for b in range(count) if not parts.path(b).exists()]
     if missing:
         print(f"process {rank} of {world} done; {len(missing)} of {count} parts still to come from the others: the "
@@ -213,7 +261,7 @@ def run(args) -> int:
     meta = {"target": str(args.target), "draft": args.draft, "sampler": args.sampler, "options": options,
             "steps": args.steps, "n": args.num_samples, "batch_size": args.batch_size, "seed": args.seed,
             "labels": args.labels, "guidance": args.guidance, "device": str(device), "precision": args.precision,
-            "world_size": world, "stats": st}
+            "world_size": world, "key": parts.key, "stats": st}
     arrays = {"samples": samples, "meta": json.dumps(meta, default=str)}
     if labels_out is not None:
         arrays["labels"] = labels_out
@@ -223,7 +271,7 @@ def run(args) -> int:
         scale = max(1, 64 // samples.shape[-1])  # small images are upsampled so the grid is viewable
         png = save_grid_atomic(samples[:256], out / "samples.png", scale=scale)
     if world == 1 and not args.keep_parts:
-        shutil.rmtree(parts.folder)  # samples.npz holds them all now
+        parts.remove()  # samples.npz holds them all now
     print(f"{args.sampler} {options or ''}  N={args.steps}  n={args.num_samples}  device={device}")
     width = max(len(k) for k in st)
     for k, v in st.items():

@@ -231,7 +231,7 @@ def test_sample_py_bf16_runs_the_networks_under_autocast(ckpts, tmp_path):
 
 def _samples(out):
     with np.load(out / "samples.npz") as z:
-        return z["samples"], z["labels"], json.loads(str(z["meta"]))
+        return z["samples"], z["labels"] if "labels" in z.files else None, json.loads(str(z["meta"]))
 
 
 def test_sample_py_resumes_a_stopped_run_where_it_stopped(ckpts, tmp_path, capsys, monkeypatch):
@@ -266,7 +266,7 @@ def test_sample_py_resumes_a_stopped_run_where_it_stopped(ckpts, tmp_path, capsy
         capsys.readouterr()
         assert sample.main([*argv, "--out", str(out)]) == 0
         printed = capsys.readouterr().out
-        assert "resuming: 1 of 3 parts" in printed and "part 1/3" not in printed and "part 3/3" in printed
+        assert "resuming: 1 of this process's 3 parts" in printed and "part 1/3" not in printed and "part 3/3" in printed
         got, got_labels, got_meta = _samples(out)
         assert np.array_equal(got_labels, labels) and got_meta["stats"]["sequential_nfe"] > 0
         if fresh_bandit:
@@ -304,6 +304,80 @@ def test_sample_py_processes_share_a_run_and_the_last_one_merges(ckpts, tmp_path
     assert "--rank must lie in [0, --world-size)" in capsys.readouterr().err
 
 
+def test_sample_py_remakes_damaged_and_missing_parts_with_the_bandit_state_of_their_place(ckpts, tmp_path, capsys):
+    """Parts 1 (damaged) and 3 (deleted) of a finished bandit run are made again, each from the bandit state
+    after the part before it — batch 3 from part 2's, not from the re-made part 1's — giving the run bit for bit."""
+    sample = _sample_module()
+    argv = [str(ckpts["target"]), "--sampler", "speculative", "--opt", "drafter=frozen", "--opt", "window=bandit",
+            "--opt", "policy=thompson", "--steps", "12", "-n", "10", "--batch-size", "2", "--keep-parts"]
+    out = tmp_path / "run"
+    assert sample.main([*argv, "--out", str(out)]) == 0
+    whole, _, meta = _samples(out)
+    assert _samples(out)[1] is None and meta["key"]["world_size"] == 1
+    (out / "parts" / "b000001.npz").write_bytes(b"not a part")
+    (out / "parts" / "b000003.npz").unlink()
+    (out / "samples.npz").unlink()
+    capsys.readouterr()
+    assert sample.main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "b000001.npz is unreadable" in printed and "part 2/5" in printed and "part 4/5" in printed
+    assert "part 3/5" not in printed and np.array_equal(_samples(out)[0], whole)
+
+
+def test_sample_py_remakes_another_process_damaged_part_and_merge_names_an_unreadable_one(ckpts, tmp_path, capsys):
+    from specflow.parts import Parts
+
+    sample = _sample_module()
+    argv = [str(ckpts["target"]), "--sampler", "euler", "--steps", "3", "-n", "6", "--batch-size", "2"]
+    assert sample.main([*argv, "--out", str(tmp_path / "one")]) == 0
+    out = tmp_path / "shared"
+    assert sample.main([*argv, "--out", str(out), "--rank", "1", "--world-size", "2"]) == 0
+    (out / "parts" / "b000001.npz").write_bytes(b"")  # process 1 finished; its part was damaged since
+    capsys.readouterr()
+    assert sample.main([*argv, "--out", str(out), "--rank", "0", "--world-size", "2"]) == 0
+    assert "sampling again the damaged parts [1]" in capsys.readouterr().out
+    assert np.array_equal(_samples(out)[0], _samples(tmp_path / "one")[0])
+
+    parts = Parts(out / "parts", _samples(out)[2]["key"], 3)
+    (out / "parts" / "b000002.npz").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"part .*b000002\.npz cannot be read .* delete it and run the same"):
+        parts.merge()
+
+
+def test_sample_py_a_learning_sampler_resumes_only_with_the_same_number_of_processes(ckpts, tmp_path, capsys):
+    sample = _sample_module()
+    argv = [str(ckpts["target"]), "--sampler", "sfm", "--opt", "leap=bandit", "--steps", "8", "-n", "4",
+            "--batch-size", "2", "--out", str(tmp_path / "run")]
+    assert sample.main([*argv, "--rank", "0", "--world-size", "2"]) == 0
+    capsys.readouterr()
+    assert sample.main(argv) == 2  # one process would redo batch 1 after batch 0: another bandit, other samples
+    err = capsys.readouterr().err
+    assert "another run" in err and "world_size" in err and "seed" not in err
+
+
+def test_sample_py_a_finished_run_is_not_sampled_again_nor_overwritten(ckpts, tmp_path, capsys):
+    sample = _sample_module()
+    out = tmp_path / "run"
+    argv = [str(ckpts["target"]), "--sampler", "euler", "--steps", "3", "-n", "4", "--batch-size", "2",
+            "--out", str(out)]
+    (out / "parts").mkdir(parents=True)
+    (out / "parts" / "notes.txt").write_text("mine")  # a user's file where the parts go: never deleted
+    assert sample.main(argv) == 0
+    assert [p.name for p in (out / "parts").iterdir()] == ["notes.txt"]
+    stamp = (out / "samples.npz").stat().st_mtime_ns
+    capsys.readouterr()
+    assert sample.main(argv) == 0
+    assert "already holds this run; nothing to do" in capsys.readouterr().out
+    assert (out / "samples.npz").stat().st_mtime_ns == stamp
+    assert sample.main([*argv, "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "holds another run (it differs in seed)" in err and "--force" in err
+    assert (out / "samples.npz").stat().st_mtime_ns == stamp
+    assert sample.main([*argv, "--seed", "3", "--force", "--keep-parts"]) == 0
+    assert _samples(out)[2]["seed"] == 3
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["b000000.npz", "b000001.npz", "notes.txt"]
+
+
 def test_sample_py_picks_each_process_its_own_gpu(monkeypatch):
     sample = _sample_module()
     for var in ("LOCAL_RANK", "SLURM_LOCALID"):
@@ -315,6 +389,8 @@ def test_sample_py_picks_each_process_its_own_gpu(monkeypatch):
     assert sample.device_for("cuda", 4) == "cuda:3"
     assert sample.device_for("cuda", 1) == "cuda" and sample.device_for("cuda:1", 4) == "cuda:1"
     assert sample.device_for("cpu", 4) == "cpu"
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)  # srun gave each task of the node 2 GPUs
+    assert sample.device_for("cuda", 4) == "cuda:1"
 
 
 @pytest.mark.parametrize("args,message", [
