@@ -39,17 +39,49 @@ class Autocast:
         """Both nets moved to another device, still wrapped (a dtype would undo the pre-cast weights)."""
         device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
         if dtype is not None:
-            raise ValueError(f"Autocast(...).to({dtype}) would change the weights' dtype; wrap the net again with "
-                             f"specflow.precision.autocast at the precision you want")
-        for name in ("net", "fast"):
-            if isinstance(self.__dict__[name], nn.Module):
-                self.__dict__[name].to(device)
-        return self
+            self._refuse(dtype)
+        return self._each(lambda m: m.to(device))
+
+    # Module methods that return the module return the wrapper (not the inner copy: autocast stays on); those
+    # that change the dtype are refused. Others reach the low-precision copy through __getattr__.
+    def cuda(self, device=None) -> "Autocast":
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
+
+    def cpu(self) -> "Autocast":
+        return self.to("cpu")
+
+    def train(self, mode: bool = True) -> "Autocast":
+        return self._each(lambda m: m.train(mode))
 
     def eval(self) -> "Autocast":
+        return self.train(False)
+
+    def requires_grad_(self, requires_grad: bool = True) -> "Autocast":
+        return self._each(lambda m: m.requires_grad_(requires_grad))
+
+    def float(self):
+        self._refuse(torch.float32)
+
+    def double(self):
+        self._refuse(torch.float64)
+
+    def half(self):
+        self._refuse(torch.float16)
+
+    def bfloat16(self):
+        self._refuse(torch.bfloat16)
+
+    def type(self, dst_type):
+        self._refuse(dst_type)
+
+    def _refuse(self, dtype):
+        raise ValueError(f"Autocast(...) to {dtype} would change the weights' dtype; wrap the net again with "
+                         f"specflow.precision.autocast at the precision you want")
+
+    def _each(self, fn) -> "Autocast":
         for name in ("net", "fast"):
             if isinstance(self.__dict__[name], nn.Module):
-                self.__dict__[name].eval()
+                fn(self.__dict__[name])
         return self
 
     def __getattr__(self, name):  # only reached for attributes Autocast itself lacks

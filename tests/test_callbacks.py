@@ -128,6 +128,13 @@ def test_precision_samples_the_ema_net_under_autocast():
     assert isinstance(net, Autocast) and net.dtype == torch.bfloat16
     assert net.net is model.velocity_model(True)  # the EMA weights, as at full precision
     restore()
+    # The draft runs at the same precision, as in generate() (before, only the target did).
+    draft_net = torch.nn.Linear(2, 2)
+    module = type("DraftModule", (), {"draft_model": lambda self: draft_net})()
+    spec = [dict(name="speculative", drafter="model", window=2, steps=4)]
+    draft = SamplingEvaluation(samplers=spec, precision="bf16", feature_extractor="none")._draft(module)
+    assert isinstance(draft, Autocast) and draft.net is draft_net and draft.dtype == torch.bfloat16
+    assert SamplingEvaluation(samplers=spec, feature_extractor="none")._draft(module) is draft_net
 
 
 def test_digits_config_block_is_valid(tmp_path, capsys):

@@ -240,3 +240,71 @@ def test_medusa_training_on_two_ddp_ranks_keeps_heads_identical(tmp_path, mlp_ta
         return
     assert all(same)
     assert r0["heads"]["out.weight"].abs().sum() > 0, "the zero-initialised output layer never trained"
+
+
+# ------------------------------------------------------------------------------------------- guidance
+def _class_unet():
+    torch.manual_seed(0)
+    net = build_net("unet", image_size=8, in_channels=1, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                    attention_resolutions=(), num_heads=1, num_classes=10).eval()
+    for p in net.parameters():
+        nn.init.normal_(p, std=0.1)  # its zero-initialised output would make v ≡ 0
+        p.requires_grad_(False)
+    return net
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0, 2.5])
+def test_guided_trunk_under_bf16_is_the_guided_call_bit_for_bit(w):
+    """As generate() builds it — guidance around autocast — the guided trunk combines its branches in x's dtype
+    (float32), as the plain guided call does after Autocast casts each branch back: output(features) and the
+    call agree bit for bit, and so do the sampler's two ways of evaluating the target."""
+    from specflow.lit.guidance import GuidedTrunk, guidance
+    from specflow.precision import Autocast, autocast
+    from specflow.sampling.stats import Evaluator, SampleStats
+
+    model = guidance(autocast(_class_unet(), "bf16"), w)  # specflow.generate's order
+    assert isinstance(model, GuidedTrunk) and isinstance(model.net, Autocast)
+    gen = torch.Generator().manual_seed(0)
+    x, t, c = torch.randn(5, 1, 8, 8, generator=gen), torch.rand(5, generator=gen), torch.arange(5)
+    with torch.no_grad():
+        h = model.features(x, t, c)
+        assert h.dtype == torch.bfloat16  # the trunk runs under autocast
+        got, want = model.output(h), model(x, t, c)
+        assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+        paid = [Evaluator(model, c, 5, SampleStats(), "target", keep_features=k)(x, t) for k in (True, False)]
+        assert torch.equal(*paid)
+    if w not in (0.0, 1.0):
+        with pytest.raises(ValueError, match="needs class labels"):
+            model.features(x, t, None)
+
+
+def test_raw_medusa_heads_on_a_guided_target_say_to_use_guide_draft():
+    """The guided trunk's features hold two branches per sample; raw heads were told they belong to 'another
+    target architecture'. The medusa drafter names the fix instead; guide_draft's heads run, as do raw heads
+    where the guided trunk runs one branch (w = 1)."""
+    from specflow.lit.guidance import guidance, guide_draft
+
+    net = _class_unet()
+    heads = MedusaHeads(net.feature_channels, 1, 8, hidden=8, depth=1).eval()
+    x0, c = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(4)
+    sampler = build_sampler("speculative", steps=6, drafter="medusa", window=3)
+    with pytest.raises(ValueError, match=r"not: wrap them with specflow\.lit\.guidance\.guide_draft"):
+        sampler.sample(guidance(net, 2.5), x0, c, draft=heads)
+    assert sampler.sample(guidance(net, 2.5), x0, c, draft=guide_draft(heads, 2.5)).stats.draft_nfe > 0
+    assert sampler.sample(guidance(net, 1.0), x0, c, draft=heads).stats.draft_nfe > 0
+
+
+def test_the_evaluation_callback_guides_its_draft_like_the_target():
+    """SamplingEvaluation guided the target but handed the sampler the unguided draft (generate() guides both)."""
+    from types import SimpleNamespace
+
+    from specflow.lit.callbacks import SamplingEvaluation
+    from specflow.lit.guidance import GuidedHeads
+
+    heads = MedusaHeads(8, 1, 8, hidden=8)
+    module = SimpleNamespace(draft_model=lambda: heads)
+    medusa = [dict(name="speculative", drafter="medusa")]
+    draft = SamplingEvaluation(samplers=medusa, guidance_scale=2.5, feature_extractor="none")._draft(module)
+    assert isinstance(draft, GuidedHeads) and draft.heads is heads and draft.scale == 2.5
+    assert SamplingEvaluation(samplers=medusa, feature_extractor="none")._draft(module) is heads
+    assert SamplingEvaluation(samplers=[dict(name="euler")], guidance_scale=2.5)._draft(module) is None

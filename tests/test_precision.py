@@ -69,13 +69,37 @@ def test_a_trunk_passes_through_for_medusa_and_a_plain_callable_keeps_its_clear_
 def test_moving_the_wrapper_keeps_it_wrapped():
     net = Probe().train()
     wrapped = autocast(net, "bf16")
-    assert wrapped.to("cpu") is wrapped and wrapped.eval() is wrapped  # not the inner copy: autocast stays on
-    assert not wrapped.fast.training and not net.training
+    assert wrapped.to("meta") is wrapped  # not the inner copy: autocast stays on
+    assert all(p.device.type == "meta" for m in (net, wrapped.fast) for p in m.parameters())  # both nets moved
     assert wrapped.fast.lin.weight.dtype == torch.bfloat16  # the pre-cast weights survive a device move
+    wrapped = autocast(Probe().train(), "bf16")
+    assert wrapped.cpu() is wrapped and wrapped.eval() is wrapped
+    assert not wrapped.fast.training and not wrapped.net.training
     wrapped(torch.ones(2, 3), torch.zeros(2))
     assert wrapped.fast.seen[-1] == ("forward", True, torch.bfloat16)
     with pytest.raises(ValueError, match="wrap the net again"):
         wrapped.to(torch.float64)
+
+
+def test_module_methods_return_the_wrapper_and_dtype_changes_are_refused():
+    """.train/.cpu/.cuda/.requires_grad_ returned the inner low-precision copy (through __getattr__), silently
+    dropping autocast; .float/.half/... would undo the pre-cast weights."""
+    net = Probe().eval()
+    wrapped = autocast(net, "bf16")
+    assert wrapped.train() is wrapped and wrapped.fast.training and net.training  # both nets
+    assert wrapped.train(False) is wrapped and not wrapped.fast.training and not net.training
+    assert wrapped.cpu() is wrapped and wrapped.requires_grad_(False) is wrapped
+    assert not any(p.requires_grad for m in (net, wrapped.fast) for p in m.parameters())
+    if torch.cuda.is_available():
+        assert wrapped.cuda() is wrapped and wrapped.fast.lin.weight.is_cuda and net.lin.weight.is_cuda
+        wrapped.cpu()
+    assert wrapped(torch.ones(2, 3), torch.zeros(2)).dtype == torch.float32
+    assert wrapped.fast.seen[-1] == ("forward", True, torch.bfloat16)  # still under autocast
+    for cast in (lambda w: w.float(), lambda w: w.half(), lambda w: w.double(), lambda w: w.bfloat16(),
+                 lambda w: w.type(torch.float64)):
+        with pytest.raises(ValueError, match="wrap the net again"):
+            cast(wrapped)
+    assert wrapped.fast.lin.weight.dtype == torch.bfloat16 and net.lin.weight.dtype == torch.float32
 
 
 class _Casts(TorchDispatchMode):

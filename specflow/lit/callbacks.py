@@ -147,7 +147,7 @@ class SamplingEvaluation(pl.Callback):
         rank, world = trainer.global_rank, trainer.world_size
         model, restore = self._velocity(pl_module)
         shape, num_classes = sample_shape(getattr(pl_module, "net", pl_module)), self._num_classes(pl_module)
-        draft = pl_module.draft_model() if any(s.needs_draft for s in self.samplers.values()) else None
+        draft = self._draft(pl_module)
         indices = torch.arange(self.num_samples)[rank::world]
         metrics: dict[str, float] = {}
         # Sampling must not move the training's random stream (fastflow/bandits and KID use their own seeds).
@@ -190,6 +190,17 @@ class SamplingEvaluation(pl.Callback):
 
             model = guidance(model, self.guidance_scale)
         return model, lambda: net.train(was_training)
+
+    def _draft(self, pl_module):
+        """The draft network if a sampler needs one, at ``precision`` and guided like the target (as generate())."""
+        if not any(s.needs_draft for s in self.samplers.values()):
+            return None
+        draft = autocast(pl_module.draft_model(), self.precision)
+        if self.guidance_scale is not None:
+            from specflow.lit.guidance import guide_draft
+
+            draft = guide_draft(draft, self.guidance_scale)
+        return draft
 
     def _num_classes(self, pl_module) -> int | None:
         return getattr(pl_module, "num_classes", None) or getattr(getattr(pl_module, "net", None), "num_classes", None)

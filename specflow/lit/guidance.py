@@ -39,22 +39,32 @@ class Guided:
 class GuidedTrunk(Guided):
     """A guided net whose trunk drafters can read (medusa): ``features`` runs the conditional and the
     unconditional pass as one batch and returns both, (B, 2, *h) — a sample's row holds its two branches —
-    and ``output`` turns them into the guided velocity, so ``output(features(x, t, y))`` is ``self(x, t, y)``."""
+    and ``output`` turns them into the guided velocity, so ``output(features(x, t, y))`` is ``self(x, t, y)``,
+    bit for bit: the branches are combined in x's dtype (float32 under ``specflow.precision.autocast``, whose
+    net returns bfloat16 from its trunk), as the plain call does."""
 
     def features(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The trunk features of the guided call at (x, t, cond). Unlike the plain call, which falls back to the
+        unconditional net without labels, a two-branch scale (neither 0 nor 1) needs ``cond``: the
+        unconditional features alone are not what ``output`` combines, so ``cond=None`` raises a ValueError.
+        ``generate(..., guidance=w)`` always passes labels (it refuses guidance without them)."""
+        self._dtype = x.dtype  # output() combines (and returns) in it, as Autocast.__call__ casts back to it
         if self.scale in (0.0, 1.0):  # one branch, as __call__
             null = None if cond is None else torch.full_like(cond, self.null_class)
             return self.net.features(x, t, cond if self.scale == 1.0 else null)
         if cond is None:  # output() expects both branches
-            raise ValueError(f"guidance {self.scale} needs class labels (cond) to run the trunk's two branches")
+            raise ValueError(f"guidance {self.scale} needs class labels (cond): the guided trunk runs a "
+                             f"conditional and an unconditional branch; pass cond, or sample without guidance")
         h = self.net.features(torch.cat([x, x]), torch.cat([t, t]),
                               torch.cat([cond, torch.full_like(cond, self.null_class)]))
         return h.unflatten(0, (2, x.shape[0])).transpose(0, 1)
 
     def output(self, h: Tensor) -> Tensor:
         if self.scale in (0.0, 1.0):
-            return self.net.output(h)
-        v_cond, v_uncond = self.net.output(h.transpose(0, 1).flatten(0, 1)).chunk(2)
+            v = self.net.output(h)
+            return v.to(self.__dict__.get("_dtype", v.dtype))
+        v = self.net.output(h.transpose(0, 1).flatten(0, 1))
+        v_cond, v_uncond = v.to(self.__dict__.get("_dtype", v.dtype)).chunk(2)
         return v_uncond + self.scale * (v_cond - v_uncond)
 
 

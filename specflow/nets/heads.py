@@ -80,6 +80,10 @@ class MedusaHeads(nn.Module):
             raise ValueError(f"MedusaHeads expects states shaped (B, {', '.join(map(str, want))}); "
                              f"got {tuple(y.shape)}")
         fw = (self.feature_channels,) + tuple(y.shape[2:])
+        if tuple(features.shape[1:]) == (2, *fw):  # GuidedTrunk's two branches per sample
+            raise ValueError(f"the target is guided (features {tuple(features.shape)}: a conditional and an "
+                             f"unconditional branch per sample) but these Medusa heads are not: wrap them with "
+                             f"specflow.lit.guidance.guide_draft(heads, scale), as generate(..., guidance=) does")
         if tuple(features.shape[1:]) != fw:
             raise ValueError(f"MedusaHeads were built for target features (B, {', '.join(map(str, fw))}) but got "
                              f"{tuple(features.shape)}: these heads belong to another target architecture "
