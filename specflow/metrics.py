@@ -259,6 +259,24 @@ def build_feature_extractor(kind: ExtractorKind = "auto", datamodule=None, incep
     return classifier_features(datamodule, cache, steps, max_seconds, seed, device)
 
 
+def reference_images(datamodule, n: int, seed: int = 0, rank: int = 0, world: int = 1,
+                     num_workers: int = 0) -> Tensor:
+    """This rank's share (r, r + W, …) of n training images (x of each item) in [−1, 1]: a fixed subset chosen by
+    ``seed``, loaded with the training transforms (the data the model learned, random flips included) under a
+    seeded random stream, so the same call gives the same images and the caller's stream does not move."""
+    from torch.utils.data import DataLoader, Subset
+
+    ds = datamodule.train_dataloader().dataset
+    if len(ds) < n:
+        raise ValueError(f"{n} reference images asked for, but the training set has only {len(ds)}; ask for fewer")
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n][rank::world]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        loader = DataLoader(Subset(ds, idx.tolist()), batch_size=256, num_workers=num_workers)
+        x = [b[0] if isinstance(b, (tuple, list)) else b for b in loader]
+    return torch.cat(x).float() if x else torch.zeros(0)
+
+
 @torch.no_grad()
 def extract_features(extractor: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
     """Features (N, d) in float64 on the CPU, of images in [−1, 1] (clamped: samples may overshoot)."""

@@ -462,3 +462,21 @@ def test_draft_cli_trains_against_a_target_checkpoint(ckpts, tmp_path):
     assert cli.trainer.global_step == 2
     draft = load_draft(tmp_path / "ckpt" / "last.ckpt", load_target(ckpts["target"]))
     assert draft.offsets == 2
+
+
+def test_fid_py_scores_sample_py_outputs_and_pairs_those_of_one_seed(ckpts, tmp_path, capsys):
+    """sample.py's samples.npz is what fid.py reads: two samplers at one seed are paired (same noise per row)."""
+    sample = _sample_module()
+    spec = importlib.util.spec_from_file_location("fid_script", ROOT / "fid.py")
+    fid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fid)
+    argv = [str(ckpts["target"]), "--steps", "4", "-n", "12", "--batch-size", "6", "--labels", "cycle"]
+    for sampler in ("euler", "heun"):
+        assert sample.main([*argv, "--sampler", sampler, "--out", str(tmp_path / sampler)]) == 0
+    out = tmp_path / "fid.json"
+    assert fid.main([str(tmp_path / "euler" / "samples.npz"), str(tmp_path / "heun" / "samples.npz"),
+                     "--config", str(ROOT / "configs/digits.yaml"), "--reference", "64", "--bootstrap", "10",
+                     "--classifier-steps", "20", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["sampler"] for r in rows] == ["euler", "heun"] and rows[1]["paired"]
+    assert len(rows[1]["fid_proxy_minus_first_interval"]) == 2 and "heun" in capsys.readouterr().out

@@ -216,7 +216,7 @@ class SamplingEvaluation(pl.Callback):
     def _prepare_metrics(self, trainer, pl_module) -> None:
         """Build the feature extractor (the classifier on rank 0, broadcast) and the reference features."""
         from specflow.metrics import ClassifierFeatures, InceptionFeatures, classifier_features, extract_features
-        from specflow.metrics import inception_weights
+        from specflow.metrics import inception_weights, reference_images
 
         dm = trainer.datamodule
         kind = self.feature_extractor
@@ -239,7 +239,7 @@ class SamplingEvaluation(pl.Callback):
         self._extractor = extractor.to(pl_module.device)
         rank_zero_info(f"SamplingEvaluation: quality metrics {extractor.fid_name}/{extractor.kid_name} from "
                        f"{extractor.description}")
-        ref = _reference_images(dm, self.reference_size, self.seed, trainer.global_rank, trainer.world_size)
+        ref = reference_images(dm, self.reference_size, self.seed, trainer.global_rank, trainer.world_size)
         local = extract_features(self._extractor, ref)
         self._reference = _gather_rows(trainer, local.to(pl_module.device), self.reference_size).double().cpu()
 
@@ -284,14 +284,3 @@ def _gather_rows(trainer, local: Tensor, n: int) -> Tensor:
     padded[: len(local)] = local
     g = trainer.strategy.all_gather(padded)  # (W, m, ...): g[r, j] is index j·W + r
     return g.transpose(0, 1).reshape(m * world, *local.shape[1:])[:n]
-
-
-def _reference_images(dm, n: int, seed: int, rank: int = 0, world: int = 1) -> Tensor:
-    """This rank's share (r, r + W, …) of n training images (x of each item), a fixed subset chosen by ``seed``."""
-    ds = dm.train_dataloader().dataset
-    if len(ds) < n:
-        raise ValueError(f"reference_size={n} but the training set has only {len(ds)} images; lower reference_size")
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n][rank::world]
-    items = [ds[int(i)] for i in idx]
-    x = [it[0] if isinstance(it, (tuple, list)) else it for it in items]
-    return torch.stack(x).float() if x else torch.zeros(0)

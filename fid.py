@@ -1,0 +1,179 @@
+"""FID of saved samples (sample.py's OUT/samples.npz) against the training data of a training config; given
+several files, each one's difference from the first, paired when they share their sample indices.
+
+    python fid.py outputs/sde/samples.npz outputs/spec/samples.npz --config configs/digits.yaml
+    python fid.py outputs/fid50k/samples.npz --config configs/cifar10_unet.yaml --data-root /data/cifar10 \
+        --features inception --reference 50000 --device cuda --json outputs/fid50k/fid.json
+
+The reference is ``--reference`` images of the config's data module (its ``data:`` block, the data the target
+learned), chosen by ``--seed``. Features: Inception-v3 when its weights are on disk ("fid", comparable with
+published numbers only under their protocol: 50 000 samples against the training set), else a small CNN
+trained on the same data ("fid_proxy": comparable only between runs scored against the same reference and
+classifier — keep ``--classifier-cache``). Columns: n, FID [bootstrap interval], KID ± std over subsets, and
+FID(file) − FID(first) with a paired bootstrap interval: an interval holding 0 means "equal within noise",
+the claim an exact sampler must pass against ``sde`` at the same steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + "; see the module docstring",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("samples", nargs="+", help="samples.npz files written by sample.py (images in [-1, 1])")
+    p.add_argument("--config", required=True,
+                   help="the training config (configs/*.yaml, or the config.yaml LightningCLI saved in the run): "
+                        "its data: block gives the reference images")
+    p.add_argument("--data-root", default=None, help="override the data module's root (the configs hold a placeholder)")
+    p.add_argument("--reference", type=int, default=50000,
+                   help="reference images from the training set (all of it if it is smaller)")
+    p.add_argument("--features", default="auto", choices=("auto", "inception", "classifier"),
+                   help="auto: Inception if its weights are on disk, else the FID-proxy classifier")
+    p.add_argument("--inception", default=None, help="torch-fidelity's Inception weights file (default: torch hub cache)")
+    p.add_argument("--classifier-cache", default=None,
+                   help="FID-proxy classifier file: loaded if it exists, else trained and saved there")
+    p.add_argument("--classifier-steps", type=int, default=600, help="training steps of the FID-proxy classifier")
+    p.add_argument("--bootstrap", type=int, default=100,
+                   help="bootstrap resamples for the intervals (0: none; each costs one FID per file)")
+    p.add_argument("--seed", type=int, default=0, help="reference subset, classifier and bootstrap seed")
+    p.add_argument("--device", default="cpu", help="where the feature extractor runs: cpu, cuda, cuda:1")
+    p.add_argument("--num-workers", type=int, default=0, help="data loader workers for the reference images")
+    p.add_argument("--json", default=None, help="also write the results here (atomically)")
+    return p
+
+
+def load_datamodule(config: str | Path, root: str | None = None):
+    """The data module of a LightningCLI config's ``data:`` block (class_path + init_args), set up for fitting."""
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import LightningDataModule
+
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"config {str(path)!r} not found; pass the training config (e.g. configs/digits.yaml)")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("data"), dict):
+        raise ValueError(f"{path} has no data: block (class_path + init_args); pass the config the target was "
+                         f"trained with")
+    data = dict(cfg["data"])
+    if root is not None:
+        data["init_args"] = {**(data.get("init_args") or {}), "root": root}
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LightningDataModule, "data")
+    try:
+        cfg = parser.parse_object({"data": data})
+        build = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+        dm = build(cfg)["data"]
+    except Exception as e:  # jsonargparse's message names the bad key or value
+        raise ValueError(f"the data: block of {path} does not build a data module: {e}") from None
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def load_samples(path: str | Path):
+    """(samples, meta) of a sample.py output; a clear error for a missing file, no samples, or non-finite values."""
+    import numpy as np
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"samples file {str(path)!r} not found (sample.py writes OUT/samples.npz)")
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files if k in ("samples", "meta")} | {"files": z.files}
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {e})") from None
+    if "samples" not in arrays:
+        raise ValueError(f"{path} has no 'samples' array (it holds {arrays['files']}); pass a sample.py output")
+    x = torch.from_numpy(arrays["samples"]).float()
+    meta = json.loads(str(arrays["meta"])) if "meta" in arrays else {}
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"{path} holds {bad} non-finite values (NaN/inf): the sampler diverged; nothing to score")
+    return x, meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fid.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    from specflow.checkpoint import parse_device
+    from specflow.io import atomic_write
+    from specflow.metrics import (bootstrap_fid, bootstrap_fid_difference, build_feature_extractor,
+                                  extract_features, fid_from_features, kid_from_features, reference_images)
+
+    if args.reference < 2 or args.bootstrap < 0 or args.classifier_steps < 1:
+        raise ValueError(f"need --reference >= 2, --bootstrap >= 0 and --classifier-steps >= 1; got "
+                         f"{args.reference}, {args.bootstrap}, {args.classifier_steps}")
+    device = parse_device(args.device)
+    runs = {p: load_samples(p) for p in args.samples}  # every file checked before the expensive part
+    dm = load_datamodule(args.config, args.data_root)
+    n_ref = min(args.reference, len(dm.train_dataloader().dataset))
+    real = reference_images(dm, n_ref, args.seed, num_workers=args.num_workers)
+    for p, (x, _) in runs.items():
+        if x.shape[1:] != real.shape[1:]:
+            raise ValueError(f"{p} holds samples shaped {tuple(x.shape[1:])} but the data of {args.config} is "
+                             f"{tuple(real.shape[1:])}: scored against another data set?")
+    extractor = build_feature_extractor(args.features, dm, args.inception, args.classifier_cache,
+                                        steps=args.classifier_steps, seed=args.seed, device=device)
+    print(f"features: {extractor.description}; reference: {n_ref} training images of {args.config}")
+    ref = extract_features(extractor, real)
+    feats = {p: extract_features(extractor, x) for p, (x, _) in runs.items()}
+
+    first, name, kid_name = args.samples[0], extractor.fid_name, extractor.kid_name
+    rows = []
+    for p, f in feats.items():
+        meta = runs[p][1]
+        kid, kid_std = kid_from_features(ref, f, seed=args.seed)
+        row = {"file": str(p), "n": len(f), "sampler": meta.get("sampler"), "steps": meta.get("steps"),
+               name: fid_from_features(ref, f), kid_name: kid, f"{kid_name}_std": kid_std}
+        if args.bootstrap:
+            iv = bootstrap_fid(ref, f, n_boot=args.bootstrap, seed=args.seed)
+            row[f"{name}_interval"] = [iv.low, iv.high]
+        if p != first:
+            row["paired"] = paired(runs[first][1], meta, len(feats[first]), len(f))
+            row[f"{name}_minus_first"] = row[name] - rows[0][name]
+            if args.bootstrap and row["paired"]:
+                iv = bootstrap_fid_difference(ref, f, feats[first], n_boot=args.bootstrap, seed=args.seed)
+                row[f"{name}_minus_first_interval"] = [iv.low, iv.high]
+        rows.append(row)
+
+    ci = " [95%]" if args.bootstrap else ""
+    width = max(len(str(p)) for p in args.samples)
+    print(f"{'samples':<{width}}  {'n':>6}  {name + ci:>26}  {kid_name + ' ± std':>18}  {'Δ vs first' + ci:>28}")
+    for r in rows:
+        fid = f"{r[name]:.3f}" + (" [{:.3f}, {:.3f}]".format(*r[f"{name}_interval"]) if args.bootstrap else "")
+        diff = "" if r is rows[0] else f"{r[f'{name}_minus_first']:+.3f}" + (
+            " [{:+.3f}, {:+.3f}]".format(*r[f"{name}_minus_first_interval"]) if f"{name}_minus_first_interval" in r
+            else " (unpaired)" if not r["paired"] else "")
+        kid = f"{r[kid_name]:.4g} ± {r[f'{kid_name}_std']:.2g}"
+        print(f"{r['file']:<{width}}  {r['n']:>6}  {fid:>26}  {kid:>18}  {diff:>28}")
+    if any(r is not rows[0] and not r["paired"] for r in rows):
+        print("(unpaired): another seed, labels or number of samples than the first file, so no paired interval: "
+              "compare the FID intervals instead")
+    if args.json:
+        result = {"config": args.config, "reference": n_ref, "features": extractor.description, "seed": args.seed,
+                  "bootstrap": args.bootstrap, "results": rows}
+        atomic_write(args.json, ".json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def paired(a: dict, b: dict, n_a: int, n_b: int) -> bool:
+    """Row i of both files came from the same noise: same number of samples, seed and labels (sample.py's meta)."""
+    return n_a == n_b and all(a.get(k) == b.get(k) for k in ("seed", "labels", "n"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""fid.py: FID of saved samples against a config's training data, with paired differences; and its errors.
+
+Stand-ins for sample.py outputs are held-out digits (what an exact sampler should look like: no detectable
+difference between two halves) and the same digits with noise added (a lossy one: the test must see it).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from specflow.data.images import DigitsDataModule
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs/digits.yaml")
+
+
+def _fid_module():
+    spec = importlib.util.spec_from_file_location("fid_script", ROOT / "fid.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _save(path, x, seed=0):
+    np.savez(path, samples=x.numpy(), meta=json.dumps({"seed": seed, "labels": None, "n": len(x), "sampler": "t"}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fid")
+    dm = DigitsDataModule(image_size=8)
+    dm.setup("fit")
+    held_out = torch.cat([b[0] for b in dm.val_dataloader()])[:180]  # never in the reference (training) set
+    a, b = held_out[:90], held_out[90:]
+    noisy = (b + 0.5 * torch.randn(b.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    return {"a": _save(tmp / "a.npz", a), "b": _save(tmp / "b.npz", b), "noisy": _save(tmp / "noisy.npz", noisy),
+            "b_seed1": _save(tmp / "b1.npz", b, seed=1), "tmp": tmp}
+
+
+def _args(files, *extra):
+    return ["--config", CONFIG, "--classifier-steps", "150", "--classifier-cache", str(files["tmp"] / "cls.pt"),
+            "--reference", "600", *extra]
+
+
+def test_fid_sees_a_lossy_set_and_no_difference_between_two_draws_of_the_data(files, capsys):
+    fid = _fid_module()
+    out = files["tmp"] / "res.json"
+    assert fid.main([files["a"], files["b"], files["noisy"], files["b_seed1"],
+                     *_args(files, "--bootstrap", "60", "--json", str(out))]) == 0
+    printed = capsys.readouterr().out
+    rows = {Path(r["file"]).name: r for r in json.loads(out.read_text())["results"]}
+    assert rows["a.npz"]["n"] == 90 and "fid_proxy_minus_first" not in rows["a.npz"]
+    lo, hi = rows["b.npz"]["fid_proxy_minus_first_interval"]
+    assert lo < 0 < hi  # two halves of the held-out digits: equal within noise
+    lo, hi = rows["noisy.npz"]["fid_proxy_minus_first_interval"]
+    assert lo > 0 and rows["noisy.npz"]["fid_proxy"] > 2 * rows["b.npz"]["fid_proxy"]  # the control is caught
+    assert rows["b1.npz"]["paired"] is False and "fid_proxy_minus_first_interval" not in rows["b1.npz"]
+    assert rows["b1.npz"]["fid_proxy"] == rows["b.npz"]["fid_proxy"]  # same images, another seed in its meta
+    for name, r in rows.items():
+        lo, hi = r["fid_proxy_interval"]
+        assert lo <= r["fid_proxy"] <= hi and f"{r['fid_proxy']:.3f}" in printed
+    assert "(unpaired)" in printed and "FID-proxy" in printed
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda t: str(t / "missing.npz"), "not found"),
+    (lambda t: (np.savez(t / "nos.npz", x=np.zeros(3)), str(t / "nos.npz"))[1], "has no 'samples' array"),
+    (lambda t: (t / "junk.npz").write_bytes(b"junk") and str(t / "junk.npz"), r"not a readable \.npz"),
+    (lambda t: _save(t / "nan.npz", torch.full((4, 1, 8, 8), float("nan"))), "256 non-finite values"),
+    (lambda t: _save(t / "rgb.npz", torch.zeros(4, 3, 8, 8)), r"shaped \(3, 8, 8\) but the data .* is \(1, 8, 8\)"),
+])
+def test_bad_samples_are_a_clear_error(files, tmp_path, capsys, make, message):
+    fid = _fid_module()
+    assert fid.main([make(tmp_path), *_args(files, "--bootstrap", "0")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_bad_configs_are_a_clear_error(files, tmp_path, capsys):
+    fid = _fid_module()
+    (tmp_path / "nodata.yaml").write_text("trainer:\n  max_steps: 1\n")
+    (tmp_path / "badkey.yaml").write_text("data:\n  class_path: specflow.data.images.DigitsDataModule\n"
+                                          "  init_args:\n    image_sise: 8\n")
+    for config, message in ((tmp_path / "none.yaml", "not found"), (tmp_path / "nodata.yaml", "has no data: block"),
+                            (tmp_path / "badkey.yaml", "does not build a data module.*image_sise")):
+        assert fid.main([files["a"], "--config", str(config)]) == 2
+        assert re.search(message, capsys.readouterr().err, flags=re.S)
+    assert fid.main([files["a"], *_args(files, "--bootstrap", "-1")]) == 2
+    assert "--bootstrap >= 0" in capsys.readouterr().err
