@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep this run's parts (OUT/parts/bNNNNNN.npz, one per batch) after merging; a run shared "
                         "by several processes always keeps them (another process may be merging too)")
     p.add_argument("--force", action="store_true",
-                   help="write OUT/samples.npz again (from this run's kept parts, else sampling anew) even if it already "
-                        "holds this run, or overwrite it if it holds another one")
+                   help="write OUT/samples.npz again (from this run's kept parts, else sampling anew) even if it "
+                        "already holds this run, or overwrite it if it holds another one")
     return p
 
 
@@ -150,20 +150,26 @@ def device_for(device: str, world: int) -> str:
 
 
 def finished(npz: Path, key: dict) -> bool:
-    """True if ``npz`` already holds the run with settings ``key`` (say so); a ValueError if it holds another
-    run, which sampling would overwrite; False if there is none yet."""
+    """True if ``npz`` already holds the run with settings ``key`` (say so); a ValueError if it holds something
+    else, which sampling would overwrite; False if there is none yet."""
     if not npz.exists():
         return False
     try:
         with np.load(npz) as z:
-            theirs = json.loads(str(z["meta"])).get("key")
-    except Exception:
-        theirs = None
+            meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+    except Exception as e:
+        raise ValueError(f"{npz} exists but cannot be read ({type(e).__name__}); sampling would overwrite it: "
+                         f"move it away, or pass --force") from None
+    theirs = meta.get("key")
     if theirs == key:
-        print(f"{npz} already holds this run; nothing to do (--force samples it again)")
+        print(f"{npz} already holds this run; nothing to do (--force writes it again: from OUT/parts if they were "
+              f"kept, else sampling anew)")
         return True
-    diff = "unknown settings" if not isinstance(theirs, dict) else ", ".join(
-        sorted(k for k in {*key, *theirs} if key.get(k) != theirs.get(k)))
+    if not isinstance(theirs, dict):
+        raise ValueError(f"{npz} was not written by this sample.py (no run settings in its meta), so it may or may "
+                         f"not be this run; sampling would overwrite it: pass --force to redo it, or pick another "
+                         f"--out")
+    diff = ", ".join(sorted(k for k in {*key, *theirs} if key.get(k) != theirs.get(k)))
     raise ValueError(f"{npz} holds another run (it differs in {diff}); sampling would overwrite it: pick another "
                      f"--out, or pass --force to overwrite")
 

@@ -5,9 +5,10 @@ resumes where it stopped, and several processes — GPUs, nodes — share one ru
                              and the sampler's learned state after it (bandits), so that a resumed run goes on
                              as the uninterrupted one
 
-Process r of W takes batches r, r + W, r + 2W, …; with per-sample random streams (``generate``) batch b is the
-same whichever process makes it — unless the sampler learns as it goes (a bandit): then batch b depends on the
-batches its process made before, and a run resumes only with the same number of processes (sample.py keys it). Every part records the settings of its run (``key``): parts of another run
+Process r of W takes batches r, r + W, r + 2W, …; with per-sample random streams (``generate``) batch b is
+the same whichever process makes it — unless the sampler learns as it goes (a bandit): then batch b depends on
+the batches its process made before, and a run resumes only with the same number of processes (sample.py
+keys it). Every part records the settings of its run (``key``): parts of another run
 (another checkpoint, sampler, seed, …) in the same folder are a clear error, never silently mixed in.
 ``merge`` reads them back in order once all are there.
 """
@@ -110,7 +111,11 @@ class Parts:
                     samples.append(torch.from_numpy(z["samples"]))
                     labels.append(torch.from_numpy(z["labels"]) if "labels" in z.files else None)
                     st = _stats(json.loads(str(z["stats"])))
-                    rank = int(z["rank"])
+                    rank = int(z["rank"]) if "rank" in z.files else -1  # parts from before ranks were kept
+            except FileNotFoundError:
+                raise ValueError(f"part {self.path(b)} disappeared while merging (another process merged and "
+                                 f"removed the parts?): look for {self.folder.parent / 'samples.npz'}, else run "
+                                 f"the same command again") from None
             except Exception as e:
                 raise ValueError(f"part {self.path(b)} cannot be read ({type(e).__name__}: {e}); delete it and run "
                                  f"the same command again to make it again") from None
@@ -118,6 +123,7 @@ class Parts:
             wall[rank] = wall.get(rank, 0.0) + st.wall_time_s
         tally.wall_time_s = max(wall.values())
         return torch.cat(samples), None if labels[0] is None else torch.cat(labels), tally
+
 
 def _stats(d: dict) -> SampleStats:
     """SampleStats from ``as_dict()`` (arm counts as arm_<k>)."""

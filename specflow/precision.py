@@ -37,10 +37,14 @@ class Autocast:
 
     def to(self, *args, **kwargs) -> "Autocast":
         """Both nets moved to another device, still wrapped (a dtype would undo the pre-cast weights)."""
-        device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
+        device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
         if dtype is not None:
             self._refuse(dtype)
-        return self._each(lambda m: m.to(device))
+        kw = {} if memory_format is None else {"memory_format": memory_format}  # channels_last keeps the dtype
+        return self._each(lambda m: m.to(device, non_blocking=non_blocking, **kw))
+
+    def forward(self, x: Tensor, *args, **kwargs):
+        return self(x, *args, **kwargs)
 
     # Module methods that return the module return the wrapper (not the inner copy: autocast stays on); those
     # that change the dtype are refused. Others reach the low-precision copy through __getattr__.
@@ -58,6 +62,15 @@ class Autocast:
 
     def requires_grad_(self, requires_grad: bool = True) -> "Autocast":
         return self._each(lambda m: m.requires_grad_(requires_grad))
+
+    def apply(self, fn) -> "Autocast":
+        return self._each(lambda m: m.apply(fn))
+
+    def share_memory(self) -> "Autocast":
+        return self._each(lambda m: m.share_memory())
+
+    def to_empty(self, *, device, recurse: bool = True) -> "Autocast":
+        return self._each(lambda m: m.to_empty(device=device, recurse=recurse))
 
     def float(self):
         self._refuse(torch.float32)

@@ -377,6 +377,26 @@ def test_sample_py_a_finished_run_is_not_sampled_again_nor_overwritten(ckpts, tm
     assert _samples(out)[2]["seed"] == 3
     assert sorted(p.name for p in (out / "parts").iterdir()) == ["b000000.npz", "b000001.npz", "notes.txt"]
 
+    # Parts written before parts recorded their process (no 'rank') still merge.
+    parts = out / "parts"
+    for part in sorted(parts.glob("b*.npz")):
+        with np.load(part) as z:
+            arrays = {k: z[k] for k in z.files if k != "rank"}
+        np.savez(part, **arrays)
+    kept = _samples(out)[0]
+    (out / "samples.npz").unlink()
+    capsys.readouterr()
+    assert sample.main([*argv, "--seed", "3", "--keep-parts"]) == 0
+    assert np.array_equal(_samples(out)[0], kept) and "part 1/2" not in capsys.readouterr().out  # merged only
+
+    # A samples.npz this sample.py did not write (older, or not ours), or an unreadable one: each said plainly.
+    np.savez(out / "samples.npz", samples=np.zeros((2, 1, 8, 8)), meta=json.dumps({"seed": 3}))
+    assert sample.main(argv) == 2
+    assert "was not written by this sample.py (no run settings" in capsys.readouterr().err
+    (out / "samples.npz").write_bytes(b"junk")
+    assert sample.main(argv) == 2
+    assert "exists but cannot be read" in capsys.readouterr().err and (out / "samples.npz").read_bytes() == b"junk"
+
 
 def test_sample_py_picks_each_process_its_own_gpu(monkeypatch):
     sample = _sample_module()

@@ -100,6 +100,12 @@ def test_module_methods_return_the_wrapper_and_dtype_changes_are_refused():
         with pytest.raises(ValueError, match="wrap the net again"):
             cast(wrapped)
     assert wrapped.fast.lin.weight.dtype == torch.bfloat16 and net.lin.weight.dtype == torch.float32
+    seen = []
+    assert wrapped.apply(lambda m: seen.append(m)) is wrapped and net in seen and wrapped.fast in seen
+    assert wrapped.share_memory() is wrapped and wrapped.to(memory_format=torch.channels_last) is wrapped
+    assert wrapped.forward(torch.ones(2, 3), torch.zeros(2)).dtype == torch.float32  # under autocast, as a call
+    assert wrapped.fast.seen[-1] == ("forward", True, torch.bfloat16)
+    assert wrapped.to_empty(device="meta") is wrapped and net.lin.weight.is_meta and wrapped.fast.lin.weight.is_meta
 
 
 class _Casts(TorchDispatchMode):

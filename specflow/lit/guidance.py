@@ -60,6 +60,8 @@ class GuidedTrunk(Guided):
         return h.unflatten(0, (2, x.shape[0])).transpose(0, 1)
 
     def output(self, h: Tensor) -> Tensor:
+        """The guided velocity from ``features(x, ...)``, in x's dtype: call it after that ``features`` call
+        (as the sampler's Evaluator does), which is where the dtype comes from."""
         if self.scale in (0.0, 1.0):
             v = self.net.output(h)
             return v.to(self.__dict__.get("_dtype", v.dtype))
