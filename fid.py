@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference images from the training set (all of it if it is smaller)")
     p.add_argument("--features", default="auto", choices=("auto", "inception", "classifier"),
                    help="auto: Inception if its weights are on disk, else the FID-proxy classifier")
-    p.add_argument("--inception", default=None, help="torch-fidelity's Inception weights file (default: torch hub cache)")
+    p.add_argument("--inception", default=None,
+                   help="torch-fidelity's Inception weights file (default: the torch hub cache)")
     p.add_argument("--classifier-cache", default=None,
                    help="FID-proxy classifier file: loaded if it exists, else trained and saved there")
     p.add_argument("--classifier-steps", type=int, default=600, help="training steps of the FID-proxy classifier")
