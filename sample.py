@@ -8,7 +8,8 @@
         --labels random --device cuda --out outputs/fid50k      # 8 GPUs share one run
 
 Outputs (written atomically, only after sampling succeeded): OUT/samples.png (the first 256) and OUT/samples.npz
-(samples, labels, and a JSON ``meta`` string with the command's settings and the stats). On the way each batch
+(samples, labels, and a JSON ``meta`` string with the command's settings and the stats); ``--export adm png``
+adds OUT/samples_adm.npz and OUT/samples_png/ for other FID tools. On the way each batch
 is written whole to OUT/parts/ (specflow/parts.py): the same command run again after a crash resumes at the
 first missing batch, and processes given ``--rank``/``--world-size`` (or torchrun's $RANK/$WORLD_SIZE) share
 the batches; the last to finish merges. Sample i has its own random stream, so the result is the same however
@@ -120,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-parts", action="store_true",
                    help="keep this run's parts (OUT/parts/bNNNNNN.npz, one per batch) after merging; a run shared "
                         "by several processes always keeps them (another process may be merging too)")
+    p.add_argument("--export", nargs="+", default=[], choices=("adm", "png"),
+                   help="also write the samples for other FID tools: adm = OUT/samples_adm.npz (arr_0 uint8 NHWC RGB, "
+                        "arr_1 labels: guided-diffusion's evaluator), png = OUT/samples_png/000000.png … (torch-fidelity, "
+                        "clean-fid); uint8 = round((x + 1)·127.5)")
     p.add_argument("--force", action="store_true",
                    help="write OUT/samples.npz again (from this run's kept parts, else sampling anew) even if it "
                         "already holds this run, or overwrite it if it holds another one")
@@ -186,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> int:
     from specflow.checkpoint import load_draft, load_target, parse_device
-    from specflow.generate import generate_batches
-    from specflow.io import save_grid_atomic, save_npz_atomic
+    from specflow.generate import generate_batches, sample_shape
+    from specflow.io import (check_png_folder, save_adm_npz_atomic, save_grid_atomic, save_npz_atomic,
+                             save_pngs_atomic)
     from specflow.parts import Parts
     from specflow.sampling import build_sampler
 
@@ -202,7 +208,11 @@ def run(args) -> int:
     labels = parse_labels(args.labels)
     out = Path(args.out)
     check_writable(out)
+    if "png" in args.export:
+        check_png_folder(out / "samples_png")
     target = load_target(args.target, device)
+    if args.export and ((shape := sample_shape(target))[0] not in (1, 3) or len(shape) != 3):
+        raise ValueError(f"--export writes images, but this target makes samples shaped {shape}; drop --export")
     draft = load_draft(args.draft, target) if args.draft else None
     if draft is not None:
         kind = draft.specflow.drafter
@@ -276,6 +286,8 @@ def run(args) -> int:
     if samples.ndim == 4 and samples.shape[1] in (1, 3):
         scale = max(1, 64 // samples.shape[-1])  # small images are upsampled so the grid is viewable
         png = save_grid_atomic(samples[:256], out / "samples.png", scale=scale)
+    exported = [save_adm_npz_atomic(samples, labels_out, out / "samples_adm.npz")] if "adm" in args.export else []
+    exported += [save_pngs_atomic(samples, out / "samples_png")] if "png" in args.export else []
     if world == 1 and not args.keep_parts:
         parts.remove()  # samples.npz holds them all now
     print(f"{args.sampler} {options or ''}  N={args.steps}  n={args.num_samples}  device={device}")
@@ -283,7 +295,7 @@ def run(args) -> int:
     for k, v in st.items():
         print(f"  {k:<{width}}  {v:.4g}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
     print(f"  {'seq_nfe/N per batch':<{width}}  {st['sequential_nfe'] / args.steps / count:.3f}")
-    print(f"wrote {npz}" + (f" and {png}" if png else ""))
+    print(f"wrote {', '.join(map(str, [npz, *([png] if png else []), *exported]))}")
     return 0
 
 

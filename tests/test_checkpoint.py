@@ -500,3 +500,32 @@ def test_fid_py_scores_sample_py_outputs_and_pairs_those_of_one_seed(ckpts, tmp_
     rows = json.loads(out.read_text())["results"]
     assert [r["sampler"] for r in rows] == ["euler", "heun"] and rows[1]["paired"]
     assert len(rows[1]["fid_proxy_minus_first_interval"]) == 2 and "heun" in capsys.readouterr().out
+
+
+def test_sample_py_exports_for_other_fid_tools(ckpts, tmp_path, capsys):
+    """--export adm: guided-diffusion's evaluator batch (arr_0 uint8 NHWC RGB, arr_1 labels); --export png: one PNG
+    per sample. Both hold the samples of samples.npz, rounded to uint8; an unrelated folder is never replaced."""
+    from torchvision.io import read_image
+
+    sample = _sample_module()
+    out = tmp_path / "run"
+    argv = [str(ckpts["target"]), "--sampler", "euler", "--steps", "3", "-n", "5", "--batch-size", "3",
+            "--labels", "cycle", "--out", str(out), "--export", "adm", "png"]
+    assert sample.main(argv) == 0
+    x, labels, _ = _samples(out)
+    want = np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)  # (5, 8, 8, 1)
+    with np.load(out / "samples_adm.npz") as z:
+        assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == (5, 8, 8, 3)
+        assert (z["arr_0"] == want).all() and np.array_equal(z["arr_1"], labels)
+    pngs = sorted((out / "samples_png").iterdir())
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
+    assert np.array_equal(read_image(str(pngs[4])).numpy(), want[4].transpose(2, 0, 1))
+    assert len(set(np.unique(want))) > 10  # the images are not constant: the comparison means something
+
+    (out / "samples_png" / "mine.txt").write_text("keep")
+    stamp = (out / "samples.npz").stat().st_mtime_ns
+    capsys.readouterr()
+    assert sample.main([*argv, "--force", "--seed", "1"]) == 2  # refused before sampling: nothing rewritten
+    assert (out / "samples.npz").stat().st_mtime_ns == stamp
+    assert "samples_png exists and is not an earlier export (mine.txt)" in capsys.readouterr().err
+    assert (out / "samples_png" / "mine.txt").read_text() == "keep" and len(list((out / "samples_png").iterdir())) == 6
