@@ -93,3 +93,5 @@ def test_bad_configs_are_a_clear_error(files, tmp_path, capsys):
         assert re.search(message, capsys.readouterr().err, flags=re.S)
     assert fid.main([files["a"], *_args(files, "--bootstrap", "-1")]) == 2
     assert "--bootstrap >= 0" in capsys.readouterr().err
+    assert fid.main([files["a"], *_args(files, "--features", "inception", "--inception", str(tmp_path / "no.pth"))]) == 2
+    assert "no download is attempted" in capsys.readouterr().err  # never fetched at run time
