@@ -1,14 +1,15 @@
 """FID of saved samples (sample.py's OUT/samples.npz) against the training data of a training config; given
 several files, each one's difference from the first, paired when they share their sample indices.
 
-    python fid.py outputs/sde/samples.npz outputs/spec/samples.npz --config configs/digits.yaml
+    python fid.py outputs/sde50/samples.npz outputs/spec50/samples.npz --config configs/digits.yaml
     python fid.py outputs/fid50k/samples.npz --config configs/cifar10_unet.yaml --data-root /data/cifar10 \
         --features inception --reference 50000 --device cuda --json outputs/fid50k/fid.json
 
 The reference is ``--reference`` images of the config's data module (its ``data:`` block, the data the target
-learned), chosen by ``--seed``. Features: Inception-v3 when its weights are on disk ("fid", comparable with
-published numbers only under their protocol: 50 000 samples against the training set), else a small CNN
-trained on the same data ("fid_proxy": comparable only between runs scored against the same reference and
+learned, without augmentation), chosen by ``--seed``. Features: Inception-v3 when its weights are on disk
+("fid"; comparable with published numbers only under their protocol, e.g. 50 000 CIFAR-10 samples against
+the training set — ImageNet papers use ADM's reference batches instead: ``sample.py --export adm``), else a
+small CNN trained on the same data ("fid_proxy": comparable only between runs scored against the same reference and
 classifier — keep ``--classifier-cache``). Columns: n, FID [bootstrap interval], KID ± std over subsets, and
 FID(file) − FID(first) with a paired bootstrap interval: an interval holding 0 means "equal within noise",
 the claim an exact sampler must pass against ``sde`` at the same steps.
@@ -51,28 +52,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_datamodule(config: str | Path, root: str | None = None):
     """The data module of a LightningCLI config's ``data:`` block (class_path + init_args), set up for fitting."""
+    import importlib
+
     import yaml
-    from jsonargparse import ArgumentParser
     from lightning.pytorch import LightningDataModule
 
     path = Path(config)
     if not path.is_file():
         raise FileNotFoundError(f"config {str(path)!r} not found; pass the training config (e.g. configs/digits.yaml)")
     cfg = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("data"), dict):
-        raise ValueError(f"{path} has no data: block (class_path + init_args); pass the config the target was "
-                         f"trained with")
-    data = dict(cfg["data"])
-    if root is not None:
-        data["init_args"] = {**(data.get("init_args") or {}), "root": root}
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(LightningDataModule, "data")
+    data = cfg.get("data") if isinstance(cfg, dict) else None
+    if not isinstance(data, dict) or not isinstance(data.get("class_path"), str):
+        raise ValueError(f"{path} has no data: block with a class_path; pass the config the target was trained with")
+    module, _, name = data["class_path"].rpartition(".")
     try:
-        cfg = parser.parse_object({"data": data})
-        build = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
-        dm = build(cfg)["data"]
-    except Exception as e:  # jsonargparse's message names the bad key or value
-        raise ValueError(f"the data: block of {path} does not build a data module: {e}") from None
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise ValueError(f"{path}: data.class_path {data['class_path']!r} is not an importable class (give the full "
+                         f"path, e.g. specflow.data.images.DigitsDataModule)") from None
+    if not (isinstance(cls, type) and issubclass(cls, LightningDataModule)):
+        raise ValueError(f"{path}: data.class_path {data['class_path']!r} is not a LightningDataModule")
+    kwargs = dict(data.get("init_args") or {}) | ({"root": root} if root is not None else {})
+    try:
+        dm = cls(**kwargs)
+    except TypeError as e:  # e.g. a misspelt key
+        raise ValueError(f"the data: block of {path} does not build {name}: {e}") from None
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (fid.py: pass --data-root)") from None
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -95,6 +101,8 @@ def load_samples(path: str | Path):
         raise ValueError(f"{path} has no 'samples' array (it holds {arrays['files']}); pass a sample.py output")
     x = torch.from_numpy(arrays["samples"]).float()
     meta = json.loads(str(arrays["meta"])) if "meta" in arrays else {}
+    with np.load(path) as z:
+        meta["classes"] = sorted(set(z["labels"].tolist())) if "labels" in z.files else None
     bad = int((~torch.isfinite(x)).sum())
     if bad:
         raise ValueError(f"{path} holds {bad} non-finite values (NaN/inf): the sampler diverged; nothing to score")
@@ -105,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"fid.py: error: {e}", file=sys.stderr)
         return 2
 
@@ -114,15 +122,20 @@ def run(args) -> int:
     from specflow.checkpoint import parse_device
     from specflow.io import atomic_write
     from specflow.metrics import (bootstrap_fid, bootstrap_fid_difference, build_feature_extractor,
-                                  extract_features, fid_from_features, kid_from_features, reference_images)
+                                  extract_features, fid_from_features, kid_from_features, reference_dataset,
+                                  reference_images)
 
     if args.reference < 2 or (args.bootstrap or 0) < 0 or args.classifier_steps < 1:
         raise ValueError(f"need --reference >= 2, --bootstrap >= 0 and --classifier-steps >= 1; got "
                          f"{args.reference}, {args.bootstrap}, {args.classifier_steps}")
+    if len(set(map(str, args.samples))) < len(args.samples):
+        raise ValueError(f"a samples file is named twice: {args.samples}")
+    if args.json and (Path(args.json).suffix != ".json" or Path(args.json).is_dir()):
+        raise ValueError(f"--json {args.json!r} must name a .json file (it is written over): pick another path")
     device = parse_device(args.device)
     runs = {p: load_samples(p) for p in args.samples}  # every file checked before the expensive part
     dm = load_datamodule(args.config, args.data_root)
-    n_ref = min(args.reference, len(dm.train_dataloader().dataset))
+    n_ref = min(args.reference, len(reference_dataset(dm)))
     real = reference_images(dm, n_ref, args.seed, num_workers=args.num_workers)
     for p, (x, _) in runs.items():
         if x.shape[1:] != real.shape[1:]:
@@ -131,6 +144,11 @@ def run(args) -> int:
     extractor = build_feature_extractor(args.features, dm, args.inception, args.classifier_cache,
                                         steps=args.classifier_steps, seed=args.seed, device=device)
     print(f"features: {extractor.description}; reference: {n_ref} training images of {args.config}")
+    classes = getattr(dm, "num_classes", None)
+    for p, (_, meta) in runs.items():
+        if classes and meta["classes"] is not None and len(meta["classes"]) < classes:
+            print(f"note: {p} holds {len(meta['classes'])} of the data's {classes} classes while the reference holds "
+                  f"all: its FID also measures that")
     if args.bootstrap is None:
         args.bootstrap = 100 if extractor.num_features <= 256 else 0
         if not args.bootstrap:
@@ -179,7 +197,7 @@ def run(args) -> int:
 
 def paired(a: dict, b: dict, n_a: int, n_b: int) -> bool:
     """Row i of both files came from the same noise: same number of samples, seed and labels (sample.py's meta)."""
-    return n_a == n_b and all(a.get(k) == b.get(k) for k in ("seed", "labels", "n"))
+    return n_a == n_b and a.get("seed") is not None and all(a.get(k) == b.get(k) for k in ("seed", "labels", "n"))
 
 
 if __name__ == "__main__":

@@ -122,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep this run's parts (OUT/parts/bNNNNNN.npz, one per batch) after merging; a run shared "
                         "by several processes always keeps them (another process may be merging too)")
     p.add_argument("--export", nargs="+", default=[], choices=("adm", "png"),
-                   help="also write the samples for other FID tools: adm = OUT/samples_adm.npz (arr_0 uint8 NHWC RGB, "
-                        "arr_1 labels: guided-diffusion's evaluator), png = OUT/samples_png/000000.png … (torch-fidelity, "
-                        "clean-fid); uint8 = round((x + 1)·127.5)")
+                   help="also write the samples for other FID tools: adm = OUT/samples_adm.npz (arr_0 uint8 NHWC "
+                        "RGB, arr_1 labels: guided-diffusion's evaluator), png = OUT/samples_png/000000.png … "
+                        "(torch-fidelity, clean-fid); uint8 = round((x + 1)·127.5)")
     p.add_argument("--force", action="store_true",
                    help="write OUT/samples.npz again (from this run's kept parts, else sampling anew) even if it "
                         "already holds this run, or overwrite it if it holds another one")
@@ -152,6 +152,25 @@ def device_for(device: str, world: int) -> str:
         gpus = torch.cuda.device_count()
         return f"cuda:{int(local) % gpus if gpus else int(local)}"
     return device
+
+
+def export(out: Path, formats: list[str], samples, labels, new: bool = True) -> list[Path]:
+    """Write ``samples`` in the ``--export`` formats. If they are ``new`` (samples.npz was just written), exports
+    of earlier samples not asked for again are removed: they no longer match OUT/samples.npz."""
+    import shutil
+
+    from specflow.io import check_png_folder, save_adm_npz_atomic, save_pngs_atomic
+
+    stale = [f for f, path in (("adm", out / "samples_adm.npz"), ("png", out / "samples_png"))
+             if new and f not in formats and path.exists()]
+    if "adm" in stale:
+        (out / "samples_adm.npz").unlink()
+    if "png" in stale:
+        shutil.rmtree(check_png_folder(out / "samples_png"))  # only ever an earlier export
+    if stale:
+        print(f"removed the earlier {' and '.join(stale)} export: it held other samples than samples.npz now")
+    written = [save_adm_npz_atomic(samples, labels, out / "samples_adm.npz")] if "adm" in formats else []
+    return written + ([save_pngs_atomic(samples, out / "samples_png")] if "png" in formats else [])
 
 
 def finished(npz: Path, key: dict) -> bool:
@@ -190,10 +209,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
+    import torch
+
     from specflow.checkpoint import load_draft, load_target, parse_device
     from specflow.generate import generate_batches, sample_shape
-    from specflow.io import (check_png_folder, save_adm_npz_atomic, save_grid_atomic, save_npz_atomic,
-                             save_pngs_atomic)
+    from specflow.io import check_png_folder, save_grid_atomic, save_npz_atomic
     from specflow.parts import Parts
     from specflow.sampling import build_sampler
 
@@ -238,6 +258,11 @@ def run(args) -> int:
     count = -(-args.num_samples // args.batch_size)
     parts = Parts(out / "parts", key, count)
     if not args.force and finished(out / "samples.npz", parts.key):
+        if args.export:  # asked for now, or an earlier export was interrupted
+            with np.load(out / "samples.npz") as z:
+                done = export(out, args.export, torch.from_numpy(z["samples"]),
+                              torch.from_numpy(z["labels"]) if "labels" in z.files else None, new=False)
+            print(f"wrote {', '.join(map(str, done))}")
         return 0
     present, _ = parts.present()  # parts of another run: an error here, before sampling
     share = range(rank, count, world)
@@ -286,8 +311,7 @@ def run(args) -> int:
     if samples.ndim == 4 and samples.shape[1] in (1, 3):
         scale = max(1, 64 // samples.shape[-1])  # small images are upsampled so the grid is viewable
         png = save_grid_atomic(samples[:256], out / "samples.png", scale=scale)
-    exported = [save_adm_npz_atomic(samples, labels_out, out / "samples_adm.npz")] if "adm" in args.export else []
-    exported += [save_pngs_atomic(samples, out / "samples_png")] if "png" in args.export else []
+    exported = export(out, args.export, samples, labels_out)
     if world == 1 and not args.keep_parts:
         parts.remove()  # samples.npz holds them all now
     print(f"{args.sampler} {options or ''}  N={args.steps}  n={args.num_samples}  device={device}")

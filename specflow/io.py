@@ -21,12 +21,19 @@ def atomic_write(path: str | os.PathLike, suffix: str, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result should read like any new file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_grid_atomic(images: Tensor, path: str | os.PathLike, nrow: int | None = None,
@@ -97,6 +104,7 @@ def save_pngs_atomic(images: Tensor, folder: str | os.PathLike) -> Path:
     try:
         for i, img in enumerate(to_uint8(images).permute(0, 3, 1, 2)):
             write_png(img.contiguous(), str(tmp / f"{i:06d}.png"))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
         old = None
         if folder.exists():
             old = folder.parent / f"{tmp.name}.old"

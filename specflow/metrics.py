@@ -230,8 +230,12 @@ def classifier_features(datamodule, cache: str | Path | None = None, steps: int 
 
     want = dict(in_channels=getattr(datamodule, "in_channels", None), num_classes=getattr(datamodule, "num_classes", None))
     if cache is not None and Path(cache).is_file():
-        payload = torch.load(cache, map_location="cpu", weights_only=True)
-        have = {k: payload["config"].get(k) for k in want}
+        try:
+            payload = torch.load(cache, map_location="cpu", weights_only=True)
+            have = {k: payload["config"].get(k) for k in want}
+        except Exception as e:
+            raise ValueError(f"{cache} is not a FID-proxy classifier file ({type(e).__name__}); delete it or point "
+                             f"the classifier cache elsewhere") from None
         if have != want:
             raise ValueError(f"the cached FID-proxy classifier {cache} was trained on data with {have}, but this "
                              f"data module has {want}; delete the file or point classifier_cache elsewhere")
@@ -259,14 +263,20 @@ def build_feature_extractor(kind: ExtractorKind = "auto", datamodule=None, incep
     return classifier_features(datamodule, cache, steps, max_seconds, seed, device)
 
 
+def reference_dataset(datamodule):
+    """The training images as FID's reference: ``datamodule.reference_set()`` (no augmentation) where the data
+    module defines it, else its training loader's dataset."""
+    return datamodule.reference_set() if hasattr(datamodule, "reference_set") else datamodule.train_dataloader().dataset
+
+
 def reference_images(datamodule, n: int, seed: int = 0, rank: int = 0, world: int = 1,
                      num_workers: int = 0) -> Tensor:
-    """This rank's share (r, r + W, …) of n training images (x of each item) in [−1, 1]: a fixed subset chosen by
-    ``seed``, loaded with the training transforms (the data the model learned, random flips included) under a
-    seeded random stream, so the same call gives the same images and the caller's stream does not move."""
+    """This rank's share (r, r + W, …) of n images (x of each item) of ``reference_dataset``, in [−1, 1]: a fixed
+    subset chosen by ``seed``, loaded under a seeded, forked random stream (any random transform of a data
+    module without ``reference_set`` repeats; the caller's stream does not move)."""
     from torch.utils.data import DataLoader, Subset
 
-    ds = datamodule.train_dataloader().dataset
+    ds = reference_dataset(datamodule)
     if len(ds) < n:
         raise ValueError(f"{n} reference images asked for, but the training set has only {len(ds)}; ask for fewer")
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n][rank::world]

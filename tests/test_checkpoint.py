@@ -522,6 +522,21 @@ def test_sample_py_exports_for_other_fid_tools(ckpts, tmp_path, capsys):
     assert np.array_equal(read_image(str(pngs[4])).numpy(), want[4].transpose(2, 0, 1))
     assert len(set(np.unique(want))) > 10  # the images are not constant: the comparison means something
 
+    # Asked for on a finished run: written from samples.npz, no sampling; --force without --export removes the
+    # earlier exports, which would no longer match the new samples.
+    (out / "samples_adm.npz").unlink()
+    capsys.readouterr()
+    assert sample.main([a for a in argv if a != "png"]) == 0
+    printed = capsys.readouterr().out
+    assert "already holds this run" in printed and "samples_adm.npz" in printed and "part 1/2" not in printed
+    with np.load(out / "samples_adm.npz") as z:
+        assert (z["arr_0"] == want).all()
+    no_export = argv[:argv.index("--export")]
+    assert sample.main([*no_export, "--force", "--keep-parts"]) == 0
+    assert "removed the earlier adm and png export" in capsys.readouterr().out
+    assert not (out / "samples_adm.npz").exists() and not (out / "samples_png").exists()
+    assert sample.main(argv) == 0 and len(list((out / "samples_png").iterdir())) == 5  # from the finished run
+
     (out / "samples_png" / "mine.txt").write_text("keep")
     stamp = (out / "samples.npz").stat().st_mtime_ns
     capsys.readouterr()

@@ -122,3 +122,23 @@ def test_toy_mixture_module():
     again = ToyMixtureDataModule(dim=3, components=4, num_samples=2000)
     again.setup()
     assert torch.equal(again.train_set.tensors[0], xs)
+
+
+def test_fid_reference_is_the_training_set_without_random_flips(tmp_path):
+    """reference_images reads reference_set(): the training images unflipped (published FID references are),
+    the same with any number of loader workers — the training loader flips about half of them."""
+    from specflow.metrics import reference_images
+
+    make_folder(tmp_path / "data", per_class=8)
+    dm = ImageFolderDataModule(root=str(tmp_path / "data"), image_size=32, batch_size=16, num_workers=0)
+    dm.setup("fit")
+    plain = ImageFolderDataModule(root=str(tmp_path / "data"), image_size=32, random_flip=False)
+    plain.setup("fit")
+    unflipped = torch.stack([plain.train_set[i][0] for i in range(16)])
+    idx = torch.randperm(16, generator=torch.Generator().manual_seed(3))
+    for workers in (0, 2):
+        assert torch.equal(reference_images(dm, 16, seed=3, num_workers=workers), unflipped[idx])
+    torch.manual_seed(0)
+    trained = torch.stack([dm.train_set[i][0] for i in range(16)])  # the control: training transforms flip
+    assert not torch.equal(trained, unflipped) and torch.equal(trained.flip(-1)[~(trained == unflipped).all((1, 2, 3))],
+                                                               unflipped[~(trained == unflipped).all((1, 2, 3))])

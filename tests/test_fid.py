@@ -87,11 +87,40 @@ def test_bad_configs_are_a_clear_error(files, tmp_path, capsys):
     (tmp_path / "nodata.yaml").write_text("trainer:\n  max_steps: 1\n")
     (tmp_path / "badkey.yaml").write_text("data:\n  class_path: specflow.data.images.DigitsDataModule\n"
                                           "  init_args:\n    image_sise: 8\n")
+    (tmp_path / "badclass.yaml").write_text("data:\n  class_path: specflow.data.images.Nope\n")
+    (tmp_path / "cifar.yaml").write_text("data:\n  class_path: specflow.data.images.CIFAR10DataModule\n"
+                                         "  init_args:\n    root: /path/to/cifar10\n")
     for config, message in ((tmp_path / "none.yaml", "not found"), (tmp_path / "nodata.yaml", "has no data: block"),
-                            (tmp_path / "badkey.yaml", "does not build a data module.*image_sise")):
+                            (tmp_path / "badkey.yaml", "does not build DigitsDataModule.*'image_sise'"),
+                            (tmp_path / "badclass.yaml", "is not an importable class"),
+                            (tmp_path / "cifar.yaml", "CIFAR-10 not found under root='/path/to/cifar10'.*--data-root")):
         assert fid.main([files["a"], "--config", str(config)]) == 2
         assert re.search(message, capsys.readouterr().err, flags=re.S)
     assert fid.main([files["a"], *_args(files, "--bootstrap", "-1")]) == 2
     assert "--bootstrap >= 0" in capsys.readouterr().err
     assert fid.main([files["a"], *_args(files, "--features", "inception", "--inception", str(tmp_path / "no.pth"))]) == 2
     assert "no download is attempted" in capsys.readouterr().err  # never fetched at run time
+    # Nothing of the user's is written over: --json must name a .json file; a file named twice is an error.
+    assert fid.main([files["a"], *_args(files, "--json", files["b"])]) == 2
+    assert "must name a .json file" in capsys.readouterr().err and np.load(files["b"])["samples"].shape[0] == 90
+    assert fid.main([files["a"], files["a"], *_args(files)]) == 2
+    assert "named twice" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert fid.main([files["a"], "--config", CONFIG, "--classifier-cache", str(tmp_path / "junk.pt")]) == 2
+    assert "is not a FID-proxy classifier file" in capsys.readouterr().err
+
+
+def test_files_without_a_seed_are_not_paired_and_one_class_is_flagged(files, tmp_path, capsys):
+    fid = _fid_module()
+    x = np.load(files["a"])["samples"]
+    np.savez(tmp_path / "bare1.npz", samples=x)  # no meta: nothing says row i of both came from the same noise
+    np.savez(tmp_path / "bare2.npz", samples=x[::-1].copy())
+    np.savez(tmp_path / "threes.npz", samples=x, labels=np.full(len(x), 3),
+             meta=json.dumps({"seed": 0, "labels": "3", "n": len(x)}))
+    out = tmp_path / "r.json"
+    assert fid.main([str(tmp_path / "bare1.npz"), str(tmp_path / "bare2.npz"), str(tmp_path / "threes.npz"),
+                     *_args(files, "--bootstrap", "10", "--json", str(out))]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())["results"]
+    assert rows[1]["paired"] is False and rows[2]["paired"] is False and "(unpaired)" in printed
+    assert "threes.npz holds 1 of the data's 10 classes" in printed and "bare1.npz holds" not in printed

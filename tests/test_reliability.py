@@ -109,3 +109,19 @@ def test_failed_png_write_leaves_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         sio.save_grid_atomic(torch.ones(4, 1, 8, 8), path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]
+
+
+def test_written_files_get_the_permissions_of_any_new_file(tmp_path):
+    """mkstemp/mkdtemp make private temporaries; outputs on a shared cluster must be readable like any new file
+    (umask 022 → 0644 files, 0755 folders), and a failed PNG export leaves no temporary folder."""
+    old = os.umask(0o022)
+    try:
+        npz = sio.save_npz_atomic(tmp_path / "s.npz", samples=torch.zeros(2))
+        folder = sio.save_pngs_atomic(torch.zeros(2, 1, 4, 4), tmp_path / "pngs")
+    finally:
+        os.umask(old)
+    assert npz.stat().st_mode & 0o777 == 0o644 and folder.stat().st_mode & 0o777 == 0o755
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in folder.iterdir())
+    with pytest.raises(ValueError, match="images must be shaped"):
+        sio.save_pngs_atomic(torch.zeros(2, 2, 4, 4), tmp_path / "bad")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pngs", "s.npz"]

@@ -76,6 +76,10 @@ class DigitsDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         return _loader(self.val_set, self.batch_size, False, self.num_workers) if len(self.val_set) else []
 
+    def reference_set(self) -> Dataset:
+        """The training images as FID's reference (``specflow.metrics.reference_images``): no augmentation here."""
+        return self.train_set
+
 
 def _image_transform(image_size: int, flip: bool, crop: bool) -> T.Compose:
     ops = [T.Resize(image_size), T.CenterCrop(image_size)] if crop else []
@@ -130,6 +134,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return _loader(self.val_set, self.batch_size, False, self.num_workers)
+
+    def reference_set(self) -> Dataset:
+        """The training images without random flips: FID's reference, as published CIFAR-10 statistics use it."""
+        return CIFAR10(self.root, train=True, transform=_image_transform(self.image_size, False, self.image_size != 32))
 
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -203,3 +211,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         return [] if self.val_set is None else _loader(self.val_set, self.batch_size, False, self.num_workers)
+
+    def reference_set(self) -> Dataset:
+        """The training images resized and center-cropped, without random flips: FID's reference."""
+        return self._folder(self.train_dir, False, allow_empty=False)
