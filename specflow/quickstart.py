@@ -22,24 +22,31 @@ import torch
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def _train(entry, config: Path, minutes: float, ckpt: Path, retrain: bool, extra: list[str]) -> None:
+def _train(entry, config: Path, steps: int, minutes: float, ckpt: Path, retrain: bool, extra: list[str]) -> None:
     if ckpt.is_file() and not retrain:
         print(f"[quickstart] reusing {ckpt} (pass --retrain to train again)")
         return
     resume = ["--ckpt_path", "last"] if ckpt.is_file() is False and (ckpt.parent / "last.ckpt").is_file() else []
     hms = time.strftime("%H:%M:%S", time.gmtime(int(minutes * 60)))
-    print(f"[quickstart] training {config.name} for at most {minutes:g} min" + (" (resuming)" if resume else ""))
+    print(f"[quickstart] training {config.name} for {steps} steps (at most {minutes:g} min)"
+          + (" (resuming)" if resume else ""))
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads sys.argv too; give it only `args`
     try:
-        entry(args=["fit", "--config", str(config), "--trainer.max_time", f"00:{hms}", *extra, *resume])
+        entry(args=["fit", "--config", str(config), "--trainer.max_steps", str(steps), "--trainer.max_time",
+                    f"00:{hms}", *extra, *resume])
     finally:
         sys.argv = argv
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target-minutes", type=float, default=6.0, help="training time cap of the target")
-    p.add_argument("--draft-minutes", type=float, default=2.0, help="training time cap of the Medusa heads")
+    # Step counts, not time, end training, so the models (and the table's NFE, acceptance and quality columns)
+    # do not depend on the machine's speed, up to floating-point differences between CPUs; the time caps only
+    # guard against a very slow machine (a capped run keeps its last checkpoint and says so in the log).
+    p.add_argument("--target-steps", type=int, default=2250, help="training steps of the target (~6 min, 2 cores)")
+    p.add_argument("--draft-steps", type=int, default=350, help="training steps of the Medusa heads (~2 min)")
+    p.add_argument("--target-minutes", type=float, default=15.0, help="safety cap on the target's training time")
+    p.add_argument("--draft-minutes", type=float, default=5.0, help="safety cap on the heads' training time")
     p.add_argument("--steps", type=int, default=100, help="grid steps N of every sampler")
     p.add_argument("--num", type=int, default=400, help="samples per sampler (for the FID-proxy)")
     p.add_argument("--batch-size", type=int, default=200)
@@ -58,9 +65,9 @@ def main(argv: list[str] | None = None) -> None:
 
     target_ckpt = Path("runs/digits/checkpoints/done.ckpt")
     draft_ckpt = Path("runs/digits_medusa/checkpoints/done.ckpt")
-    _train(target_main, CONFIGS / "digits.yaml", a.target_minutes, target_ckpt, a.retrain, [])
+    _train(target_main, CONFIGS / "digits.yaml", a.target_steps, a.target_minutes, target_ckpt, a.retrain, [])
     _finish(target_ckpt)
-    _train(draft_main, CONFIGS / "digits_medusa.yaml", a.draft_minutes, draft_ckpt, a.retrain,
+    _train(draft_main, CONFIGS / "digits_medusa.yaml", a.draft_steps, a.draft_minutes, draft_ckpt, a.retrain,
            ["--model.target_ckpt", str(target_ckpt)])
     _finish(draft_ckpt)
     t_train = time.perf_counter() - t_start
