@@ -46,12 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="reference subset, classifier and bootstrap seed")
     p.add_argument("--device", default="cpu", help="where the feature extractor runs: cpu, cuda, cuda:1")
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers for the reference images")
+    p.add_argument("--reference-cache", default=None,
+                   help="reference features file: used if it holds this data, --reference, --seed and extractor "
+                        "(weights fingerprint), else computed and written there — saves the pass over the data")
     p.add_argument("--json", default=None, help="also write the results here (atomically)")
     return p
 
 
 def load_datamodule(config: str | Path, root: str | None = None):
-    """The data module of a LightningCLI config's ``data:`` block (class_path + init_args), set up for fitting."""
+    """The data module of a LightningCLI config's ``data:`` block (class_path + init_args), set up for fitting,
+    and that block as used (``--data-root`` applied)."""
     import importlib
 
     import yaml
@@ -81,7 +85,7 @@ def load_datamodule(config: str | Path, root: str | None = None):
         raise FileNotFoundError(f"{e} (fid.py: pass --data-root)") from None
     dm.prepare_data()
     dm.setup("fit")
-    return dm
+    return dm, {"class_path": data["class_path"], "init_args": kwargs}
 
 
 def load_samples(path: str | Path):
@@ -119,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    from specflow.checkpoint import parse_device
+    import torch
+
+    from specflow.checkpoint import fingerprint, parse_device
     from specflow.io import atomic_write
     from specflow.metrics import (bootstrap_fid, bootstrap_fid_difference, build_feature_extractor,
                                   extract_features, fid_from_features, kid_from_features, reference_dataset,
@@ -134,16 +140,25 @@ def run(args) -> int:
         raise ValueError(f"--json {args.json!r} must name a .json file (it is written over): pick another path")
     device = parse_device(args.device)
     runs = {p: load_samples(p) for p in args.samples}  # every file checked before the expensive part
-    dm = load_datamodule(args.config, args.data_root)
-    n_ref = min(args.reference, len(reference_dataset(dm)))
-    real = reference_images(dm, n_ref, args.seed, num_workers=args.num_workers)
+    dm, data = load_datamodule(args.config, args.data_root)
+    ds = reference_dataset(dm)
+    item = ds[0]
+    n_ref, shape = min(args.reference, len(ds)), tuple((item[0] if isinstance(item, (tuple, list)) else item).shape)
     for p, (x, _) in runs.items():
-        if x.shape[1:] != real.shape[1:]:
+        if tuple(x.shape[1:]) != shape:
             raise ValueError(f"{p} holds samples shaped {tuple(x.shape[1:])} but the data of {args.config} is "
-                             f"{tuple(real.shape[1:])}: scored against another data set?")
+                             f"{shape}: scored against another data set?")
     extractor = build_feature_extractor(args.features, dm, args.inception, args.classifier_cache,
                                         steps=args.classifier_steps, seed=args.seed, device=device)
     print(f"features: {extractor.description}; reference: {n_ref} training images of {args.config}")
+    key = json.dumps({"data": data, "n": n_ref, "seed": args.seed,
+                      "extractor": fingerprint(type(extractor).__name__, {}, extractor.state_dict())}, sort_keys=True,
+                     default=str)
+    ref = cached_reference(args.reference_cache, key)
+    if ref is None:
+        ref = extract_features(extractor, reference_images(dm, n_ref, args.seed, num_workers=args.num_workers))
+        if args.reference_cache:
+            atomic_write(args.reference_cache, ".pt", lambda tmp: torch.save({"key": key, "features": ref}, tmp))
     classes = getattr(dm, "num_classes", None)
     for p, (_, meta) in runs.items():
         if classes and meta["classes"] is not None and len(meta["classes"]) < classes:
@@ -153,7 +168,6 @@ def run(args) -> int:
         args.bootstrap = 100 if extractor.num_features <= 256 else 0
         if not args.bootstrap:
             print(f"no intervals by default with {extractor.num_features}-d features (slow): pass --bootstrap 100")
-    ref = extract_features(extractor, real)
     feats = {p: extract_features(extractor, x) for p, (x, _) in runs.items()}
 
     first, name, kid_name = args.samples[0], extractor.fid_name, extractor.kid_name
@@ -193,6 +207,24 @@ def run(args) -> int:
         atomic_write(args.json, ".json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
         print(f"wrote {args.json}")
     return 0
+
+
+def cached_reference(path: str | None, key: str):
+    """The reference features saved at ``path`` if they were made with ``key``, else None (saying why)."""
+    import torch
+
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["key"] == key:
+            print(f"reference features from {path}")
+            return saved["features"]
+    except Exception as e:
+        raise ValueError(f"--reference-cache {path} is not a reference-features file ({type(e).__name__}); delete "
+                         f"it or name another file") from None
+    print(f"note: {path} holds reference features of other settings; computing them again and replacing it")
+    return None
 
 
 def paired(a: dict, b: dict, n_a: int, n_b: int) -> bool:

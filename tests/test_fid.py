@@ -124,3 +124,22 @@ def test_files_without_a_seed_are_not_paired_and_one_class_is_flagged(files, tmp
     rows = json.loads(out.read_text())["results"]
     assert rows[1]["paired"] is False and rows[2]["paired"] is False and "(unpaired)" in printed
     assert "threes.npz holds 1 of the data's 10 classes" in printed and "bare1.npz holds" not in printed
+
+
+def test_reference_features_are_cached_and_keyed(files, tmp_path, capsys):
+    """--reference-cache: the second call reads the features instead of the data (same results); another seed
+    (another subset) or extractor recomputes and replaces them; a file that is not a cache is named."""
+    fid = _fid_module()
+    cache = tmp_path / "ref.pt"
+    runs = []
+    for seed in ("0", "0", "1"):
+        out = tmp_path / f"r{len(runs)}.json"
+        assert fid.main([files["a"], *_args(files, "--bootstrap", "0", "--seed", seed, "--reference-cache",
+                                            str(cache), "--json", str(out))]) == 0
+        runs.append((capsys.readouterr().out, json.loads(out.read_text())["results"][0]["fid_proxy"]))
+    assert "reference features from" not in runs[0][0] and cache.is_file()
+    assert "reference features from" in runs[1][0] and runs[1][1] == runs[0][1]
+    assert "other settings; computing them again" in runs[2][0]
+    cache.write_bytes(b"junk")
+    assert fid.main([files["a"], *_args(files, "--reference-cache", str(cache))]) == 2
+    assert "is not a reference-features file" in capsys.readouterr().err
