@@ -39,3 +39,19 @@ def test_quickstart_smoke(tmp_path):
     # A second run reuses the finished checkpoints instead of training again.
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "reusing" in again.stdout
+
+
+def test_a_time_capped_training_is_marked_done_and_said(tmp_path, capsys):
+    """The time caps are a safety net: a run they stop before its step count is still used, with a note."""
+    import torch
+
+    from specflow.quickstart import _finish
+
+    (tmp_path / "a").mkdir()
+    torch.save({"global_step": 3}, tmp_path / "a" / "last.ckpt")
+    _finish(tmp_path / "a" / "done.ckpt", 10)
+    assert "stopped training at step 3 of 10" in capsys.readouterr().out and (tmp_path / "a" / "done.ckpt").is_file()
+    torch.save({"global_step": 10}, tmp_path / "a" / "last.ckpt")
+    (tmp_path / "a" / "done.ckpt").unlink()
+    _finish(tmp_path / "a" / "done.ckpt", 10)
+    assert "note" not in capsys.readouterr().out
