@@ -25,17 +25,33 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def _train(entry, config: Path, steps: int, minutes: float, ckpt: Path, retrain: bool, extra: list[str]) -> None:
     if ckpt.is_file() and not retrain:
         print(f"[quickstart] reusing {ckpt} (pass --retrain to train again)")
+        _say_if_short(ckpt, steps)
         return
-    resume = ["--ckpt_path", "last"] if ckpt.is_file() is False and (ckpt.parent / "last.ckpt").is_file() else []
+    if retrain:  # else Lightning would write last-v1.ckpt beside them, and done.ckpt would still be the old model
+        for old in [ckpt, *ckpt.parent.glob("last*.ckpt")]:
+            old.unlink(missing_ok=True)
+    resume = ["--ckpt_path", "last"] if (ckpt.parent / "last.ckpt").is_file() else []
     hms = time.strftime("%H:%M:%S", time.gmtime(int(minutes * 60)))
     print(f"[quickstart] training {config.name} for {steps} steps (at most {minutes:g} min)"
           + (" (resuming)" if resume else ""))
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads sys.argv too; give it only `args`
     try:
-        entry(args=["fit", "--config", str(config), "--trainer.max_steps", str(steps), "--trainer.max_time",
-                    f"00:{hms}", *extra, *resume])
+        cli = entry(args=["fit", "--config", str(config), "--trainer.max_steps", str(steps), "--trainer.max_time",
+                          f"00:{hms}", *extra, *resume])
     finally:
         sys.argv = argv
+    from specflow.io import atomic_write
+
+    # The checkpoint callback saves every k steps only: the final state, at whatever step training ended, is
+    # what done.ckpt must hold.
+    atomic_write(ckpt.parent / "last.ckpt", ".ckpt", lambda tmp: cli.trainer.save_checkpoint(tmp))
+
+
+def _say_if_short(ckpt: Path, steps: int) -> None:
+    reached = torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step", steps)
+    if reached < steps:
+        print(f"[quickstart] note: the time cap stopped training at step {reached} of {steps}; the table is of that "
+              f"model (its numbers will differ from the README's); --retrain with more minutes trains it fully")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,10 +158,7 @@ def _finish(ckpt: Path, steps: int) -> None:
     from specflow.io import atomic_write
     import shutil
 
-    reached = torch.load(last, map_location="cpu", weights_only=True).get("global_step", steps)
-    if reached < steps:
-        print(f"[quickstart] note: the time cap stopped training at step {reached} of {steps}; the table is of that "
-              f"model (its numbers will differ from the README's); --retrain with more minutes trains it fully")
+    _say_if_short(last, steps)
     atomic_write(ckpt, ".ckpt", lambda tmp: shutil.copyfile(last, tmp))
 
 

@@ -23,7 +23,7 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_second():
 
 def test_quickstart_smoke(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "specflow.quickstart", "--target-steps", "7", "--draft-steps", "3",
+    cmd = [sys.executable, "-m", "specflow.quickstart", "--target-steps", "7", "--draft-steps", "53",
            "--num", "12", "--batch-size", "12", "--steps", "16"]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -34,11 +34,18 @@ def test_quickstart_smoke(tmp_path):
     # Training ends at the step counts (not at a time), so the table is the same on a faster machine.
     import torch
 
-    for ckpt, steps in (("runs/digits/checkpoints/done.ckpt", 7), ("runs/digits_medusa/checkpoints/done.ckpt", 3)):
-        assert torch.load(tmp_path / ckpt, map_location="cpu", weights_only=True)["global_step"] == steps
-    # A second run reuses the finished checkpoints instead of training again.
+    def step(ckpt):  # 53 is past the heads' last periodic checkpoint (every 50): the final state is what counts
+        return torch.load(tmp_path / ckpt, map_location="cpu", weights_only=True)["global_step"]
+
+    target, heads = "runs/digits/checkpoints/done.ckpt", "runs/digits_medusa/checkpoints/done.ckpt"
+    assert (step(target), step(heads)) == (7, 53) and "time cap" not in out.stdout
+    # A second run reuses the finished checkpoints instead of training again; --retrain replaces them.
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "reusing" in again.stdout
+    cmd[cmd.index("--target-steps") + 1], cmd[cmd.index("--draft-steps") + 1] = "9", "4"
+    retrained = subprocess.run([*cmd, "--retrain"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert retrained.returncode == 0 and (step(target), step(heads)) == (9, 4), retrained.stdout[-2000:]
+    assert not list((tmp_path / "runs/digits/checkpoints").glob("last-v*.ckpt"))
 
 
 def test_a_time_capped_training_is_marked_done_and_said(tmp_path, capsys):
