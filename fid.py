@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where the feature extractor runs: cpu, cuda, cuda:1")
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers for the reference images")
     p.add_argument("--reference-cache", default=None,
-                   help="reference features file: used if it holds this data, --reference, --seed and extractor "
-                        "(weights fingerprint), else computed and written there — saves the pass over the data")
+                   help="reference features file: used if it was made from the same reference images (hashed), "
+                        "--seed and extractor (weights fingerprint), else computed and written there — saves the "
+                        "feature pass over the reference")
     p.add_argument("--json", default=None, help="also write the results here (atomically)")
     return p
 
@@ -123,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
+    import hashlib
+
     import torch
 
     from specflow.checkpoint import fingerprint, parse_device
-    from specflow.io import atomic_write
+    from specflow.io import atomic_write, to_uint8
     from specflow.metrics import (bootstrap_fid, bootstrap_fid_difference, build_feature_extractor,
                                   extract_features, fid_from_features, kid_from_features, reference_dataset,
                                   reference_images)
@@ -151,12 +154,16 @@ def run(args) -> int:
     extractor = build_feature_extractor(args.features, dm, args.inception, args.classifier_cache,
                                         steps=args.classifier_steps, seed=args.seed, device=device)
     print(f"features: {extractor.description}; reference: {n_ref} training images of {args.config}")
+    real = reference_images(dm, n_ref, args.seed, num_workers=args.num_workers)
+    # The images themselves are in the key (their uint8 values, hashed): a cache of other data — replaced files,
+    # another root — is never reused. What it saves is the feature pass, the expensive part.
     key = json.dumps({"data": data, "n": n_ref, "seed": args.seed,
+                      "images": hashlib.sha256(to_uint8(real).numpy().tobytes()).hexdigest()[:16],
                       "extractor": fingerprint(type(extractor).__name__, {}, extractor.state_dict())}, sort_keys=True,
                      default=str)
     ref = cached_reference(args.reference_cache, key)
     if ref is None:
-        ref = extract_features(extractor, reference_images(dm, n_ref, args.seed, num_workers=args.num_workers))
+        ref = extract_features(extractor, real)
         if args.reference_cache:
             atomic_write(args.reference_cache, ".pt", lambda tmp: torch.save({"key": key, "features": ref}, tmp))
     classes = getattr(dm, "num_classes", None)

@@ -154,23 +154,36 @@ def device_for(device: str, world: int) -> str:
     return device
 
 
-def export(out: Path, formats: list[str], samples, labels, new: bool = True) -> list[Path]:
-    """Write ``samples`` in the ``--export`` formats. If they are ``new`` (samples.npz was just written), exports
-    of earlier samples not asked for again are removed: they no longer match OUT/samples.npz."""
+EXPORTS = {"adm": "samples_adm.npz", "png": "samples_png"}
+
+
+def clear_exports(out: Path, formats: list[str], force: bool) -> None:
+    """Before sampling a new run into ``out``: earlier exports would not match its samples. Without --force they
+    are refused (they may be the only copy of earlier samples); with it, those not asked for again are removed
+    now (the ones asked for are replaced when the new samples are written)."""
     import shutil
 
-    from specflow.io import check_png_folder, save_adm_npz_atomic, save_pngs_atomic
+    from specflow.io import check_png_folder
 
-    stale = [f for f, path in (("adm", out / "samples_adm.npz"), ("png", out / "samples_png"))
-             if new and f not in formats and path.exists()]
-    if "adm" in stale:
-        (out / "samples_adm.npz").unlink()
-    if "png" in stale:
-        shutil.rmtree(check_png_folder(out / "samples_png"))  # only ever an earlier export
+    found = [f for f, name in EXPORTS.items() if (out / name).exists()]
+    if found and not force:
+        raise ValueError(f"{out} holds an earlier export ({', '.join(EXPORTS[f] for f in found)}) of samples that "
+                         f"this run would not match; move it away, or pass --force to replace it")
+    if "png" in found:
+        check_png_folder(out / "samples_png")  # only ever an earlier export, never someone's other files
+    stale = [f for f in found if f not in formats]
+    for f in stale:
+        (shutil.rmtree if f == "png" else Path.unlink)(out / EXPORTS[f])
     if stale:
-        print(f"removed the earlier {' and '.join(stale)} export: it held other samples than samples.npz now")
-    written = [save_adm_npz_atomic(samples, labels, out / "samples_adm.npz")] if "adm" in formats else []
-    return written + ([save_pngs_atomic(samples, out / "samples_png")] if "png" in formats else [])
+        print(f"removed the earlier {' and '.join(stale)} export: it held other samples than this run")
+
+
+def export(out: Path, formats: list[str], samples, labels) -> list[Path]:
+    """Write ``samples`` in the ``--export`` formats (atomically, each replacing its earlier version)."""
+    from specflow.io import save_adm_npz_atomic, save_pngs_atomic
+
+    written = [save_adm_npz_atomic(samples, labels, out / EXPORTS["adm"])] if "adm" in formats else []
+    return written + ([save_pngs_atomic(samples, out / EXPORTS["png"])] if "png" in formats else [])
 
 
 def finished(npz: Path, key: dict) -> bool:
@@ -213,7 +226,7 @@ def run(args) -> int:
 
     from specflow.checkpoint import load_draft, load_target, parse_device
     from specflow.generate import generate_batches, sample_shape
-    from specflow.io import check_png_folder, save_grid_atomic, save_npz_atomic
+    from specflow.io import save_grid_atomic, save_npz_atomic
     from specflow.parts import Parts
     from specflow.sampling import build_sampler
 
@@ -228,8 +241,6 @@ def run(args) -> int:
     labels = parse_labels(args.labels)
     out = Path(args.out)
     check_writable(out)
-    if "png" in args.export:
-        check_png_folder(out / "samples_png")
     target = load_target(args.target, device)
     if args.export and ((shape := sample_shape(target))[0] not in (1, 3) or len(shape) != 3):
         raise ValueError(f"--export writes images, but this target makes samples shaped {shape}; drop --export")
@@ -261,9 +272,10 @@ def run(args) -> int:
         if args.export:  # asked for now, or an earlier export was interrupted
             with np.load(out / "samples.npz") as z:
                 done = export(out, args.export, torch.from_numpy(z["samples"]),
-                              torch.from_numpy(z["labels"]) if "labels" in z.files else None, new=False)
+                              torch.from_numpy(z["labels"]) if "labels" in z.files else None)
             print(f"wrote {', '.join(map(str, done))}")
         return 0
+    clear_exports(out, args.export, args.force)
     present, _ = parts.present()  # parts of another run: an error here, before sampling
     share = range(rank, count, world)
     mine = [b for b in share if b not in present]

@@ -13,8 +13,8 @@
 #                                          # compiled to CUDA graphs under fixed-shape calls; the model in bf16
 #   bash benchmarks/gpu_check.sh quick     # FIRST when device time is short (15 min a session, ~3 of them to
 #                                          # start the machine): the figure alone, in one call of
-#                                          # ≤ 6 min — sde vs speculative frozen window 8 at batch 64, graphs
-#                                          # and compile=True rows, then the CUDA-only graph/noise tests
+#                                          # ~5 min — sde vs speculative frozen window 8 at batch 64, graphs
+#                                          # and compile=True rows, then the CUDA graph-replay tests
 set -uo pipefail
 export PYTHONPATH=$PWD
 out=${OUT:-benchmarks/logs}
@@ -23,8 +23,9 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 bench="python benchmarks/speculative.py --overhead --model unet+toy --device cuda --windows 4 8 bandit --repeats 2"
 if [ "${1:-main}" = quick ]; then
-    timeout 200 $bench --batch 64 --windows 8 --only sde speculative 2>&1 | tee "$out/gpu_overhead_b64_quick.txt"
-    timeout 120 $bench --batch 64 --windows 8 --compile --only speculative --repeats 1 2>&1 \
+    timeout 120 $bench --batch 64 --windows 8 --drafters frozen --only sde speculative 2>&1 \
+        | tee "$out/gpu_overhead_b64_quick.txt"
+    timeout 150 $bench --batch 64 --windows 8 --drafters frozen --compile --only speculative --repeats 1 2>&1 \
         | tee "$out/gpu_overhead_b64_quick_compile.txt"
     timeout 40 python -m pytest -q -p no:cacheprovider tests/test_graphs.py -k "cuda and not compiled" 2>&1 | tail -3
 elif [ "${1:-main}" = compile ]; then

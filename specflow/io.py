@@ -31,7 +31,14 @@ def atomic_write(path: str | os.PathLike, suffix: str, write) -> Path:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it where /proc tells (os.umask sets it, racing other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -109,7 +116,12 @@ def save_pngs_atomic(images: Tensor, folder: str | os.PathLike) -> Path:
         if folder.exists():
             old = folder.parent / f"{tmp.name}.old"
             os.replace(folder, old)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process (a shared run's other merger) put its export there first: same samples
+            if not folder.is_dir():
+                raise
+            shutil.rmtree(tmp)
         if old is not None:
             shutil.rmtree(old)
     except BaseException:

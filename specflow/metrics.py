@@ -196,7 +196,9 @@ def train_classifier(datamodule, steps: int = 600, max_seconds: float = 60.0, lr
             torch.manual_seed(seed)
             cnn = FeatureCNN(datamodule.in_channels, datamodule.num_classes, width, num_features).to(device)
             opt = torch.optim.AdamW(cnn.parameters(), lr=lr, weight_decay=1e-4)
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+            # one-cycle needs ≥ 2 warm-up steps (0.1·steps − 1 > 0), else it divides by zero: a constant lr below that
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1) \
+                if steps >= 20 else None
             t0, step, right, seen = time.perf_counter(), 0, 0, 0
             while step < steps and time.perf_counter() - t0 < max_seconds:
                 for batch in datamodule.train_dataloader():
@@ -206,7 +208,8 @@ def train_classifier(datamodule, steps: int = 600, max_seconds: float = 60.0, lr
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    sched.step()
+                    if sched is not None:
+                        sched.step()
                     step += 1
                     if step > steps * 3 // 4:  # training accuracy over the last quarter
                         right, seen = right + int((logits.argmax(1) == y).sum()), seen + len(y)

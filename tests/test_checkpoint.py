@@ -537,6 +537,13 @@ def test_sample_py_exports_for_other_fid_tools(ckpts, tmp_path, capsys):
     assert not (out / "samples_adm.npz").exists() and not (out / "samples_png").exists()
     assert sample.main(argv) == 0 and len(list((out / "samples_png").iterdir())) == 5  # from the finished run
 
+    # Exports without their samples.npz may be the only copy of earlier samples: a new run is refused.
+    (out / "samples.npz").rename(tmp_path / "kept.npz")
+    capsys.readouterr()
+    assert sample.main([*argv, "--seed", "2"]) == 2
+    assert "holds an earlier export (samples_adm.npz, samples_png)" in capsys.readouterr().err
+    (tmp_path / "kept.npz").rename(out / "samples.npz")
+
     (out / "samples_png" / "mine.txt").write_text("keep")
     stamp = (out / "samples.npz").stat().st_mtime_ns
     capsys.readouterr()

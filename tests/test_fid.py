@@ -143,3 +143,30 @@ def test_reference_features_are_cached_and_keyed(files, tmp_path, capsys):
     cache.write_bytes(b"junk")
     assert fid.main([files["a"], *_args(files, "--reference-cache", str(cache))]) == 2
     assert "is not a reference-features file" in capsys.readouterr().err
+
+
+def test_the_reference_cache_is_not_reused_once_the_images_change(tmp_path, capsys):
+    """Same config, same root, other pictures: the cache key holds the images' hash, so it is recomputed."""
+    from PIL import Image
+
+    def pictures(seed):
+        rng = np.random.default_rng(seed)
+        for c in ("a", "b"):
+            (tmp_path / "data" / c).mkdir(parents=True, exist_ok=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+
+    pictures(0)
+    config = tmp_path / "folder.yaml"
+    config.write_text(f"data:\n  class_path: specflow.data.images.ImageFolderDataModule\n  init_args:\n"
+                      f"    root: {tmp_path / 'data'}\n    image_size: 16\n    num_workers: 0\n")
+    x = _save(tmp_path / "s.npz", torch.rand(12, 3, 16, 16) * 2 - 1)
+    fid = _fid_module()
+    argv = [x, "--config", str(config), "--classifier-steps", "10", "--classifier-cache", str(tmp_path / "cls.pt"),
+            "--reference-cache", str(tmp_path / "ref.pt"), "--bootstrap", "0"]
+    printed = []
+    for seed in (0, 0, 1):
+        pictures(seed)
+        assert fid.main(argv) == 0
+        printed.append(capsys.readouterr().out)
+    assert "reference features from" in printed[1] and "computing them again" in printed[2]
