@@ -154,7 +154,7 @@ def run(args) -> int:
     extractor = build_feature_extractor(args.features, dm, args.inception, args.classifier_cache,
                                         steps=args.classifier_steps, seed=args.seed, device=device)
     print(f"features: {extractor.description}; reference: {n_ref} training images of {args.config}")
-    real = reference_images(dm, n_ref, args.seed, num_workers=args.num_workers)
+    real = reference_images(dm, n_ref, args.seed, num_workers=args.num_workers, dataset=ds)
     # The images themselves are in the key (their uint8 values, hashed): a cache of other data — replaced files,
     # another root — is never reused. What it saves is the feature pass, the expensive part.
     key = json.dumps({"data": data, "n": n_ref, "seed": args.seed,

@@ -273,13 +273,14 @@ def reference_dataset(datamodule):
 
 
 def reference_images(datamodule, n: int, seed: int = 0, rank: int = 0, world: int = 1,
-                     num_workers: int = 0) -> Tensor:
-    """This rank's share (r, r + W, …) of n images (x of each item) of ``reference_dataset``, in [−1, 1]: a fixed
-    subset chosen by ``seed``, loaded under a seeded, forked random stream (any random transform of a data
-    module without ``reference_set`` repeats; the caller's stream does not move)."""
+                     num_workers: int = 0, dataset=None) -> Tensor:
+    """This rank's share (r, r + W, …) of n images (x of each item) of ``reference_dataset`` (or ``dataset``, that
+    one already built: a large folder takes a while to scan), in [−1, 1]: a fixed subset chosen by ``seed``,
+    loaded under a seeded, forked random stream (any random transform of a data module without
+    ``reference_set`` repeats; the caller's stream does not move)."""
     from torch.utils.data import DataLoader, Subset
 
-    ds = reference_dataset(datamodule)
+    ds = reference_dataset(datamodule) if dataset is None else dataset
     if len(ds) < n:
         raise ValueError(f"{n} reference images asked for, but the training set has only {len(ds)}; ask for fewer")
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n][rank::world]
