@@ -206,7 +206,9 @@ def finished(npz: Path, key: dict) -> bool:
         raise ValueError(f"{npz} was not written by this sample.py (no run settings in its meta), so it may or may "
                          f"not be this run; sampling would overwrite it: pass --force to redo it, or pick another "
                          f"--out")
-    diff = ", ".join(sorted(k for k in {*key, *theirs} if key.get(k) != theirs.get(k)))
+    from specflow.parts import differing
+
+    diff = ", ".join(differing(key, theirs))
     raise ValueError(f"{npz} holds another run (it differs in {diff}); sampling would overwrite it: pick another "
                      f"--out, or pass --force to overwrite")
 

@@ -59,7 +59,7 @@ class Parts:
                 damaged.append(b)
                 continue
             if key != self.key:
-                diff = sorted(k for k in {*key, *self.key} if key.get(k) != self.key.get(k))
+                diff = differing(key, self.key)
                 raise ValueError(f"{self.folder} holds parts of another run ({p.name} differs in "
                                  f"{', '.join(diff)}: {', '.join(f'{k}={key.get(k)!r}' for k in diff)}); "
                                  f"sample into another --out, or delete {self.folder} to start over")
@@ -75,8 +75,8 @@ class Parts:
         the process that made it (its wall time runs in parallel with the other processes')."""
         buf = io.BytesIO()
         torch.save(state, buf)
-        arrays = dict(samples=samples, key=json.dumps(self.key, sort_keys=True),
-                      stats=json.dumps(stats.as_dict()), state=np.frombuffer(buf.getvalue(), dtype=np.uint8), rank=rank)
+        arrays = dict(samples=samples, key=json.dumps(self.key, sort_keys=True), stats=json.dumps(stats.as_dict()),
+                      state=np.frombuffer(buf.getvalue(), dtype=np.uint8), rank=rank)
         if labels is not None:
             arrays["labels"] = labels
         return save_npz_atomic(self.path(b), **arrays)
@@ -123,6 +123,11 @@ class Parts:
             wall[rank] = wall.get(rank, 0.0) + st.wall_time_s
         tally.wall_time_s = max(wall.values())
         return torch.cat(samples), None if labels[0] is None else torch.cat(labels), tally
+
+
+def differing(a: dict, b: dict) -> list[str]:
+    """The settings (keys) in which two run keys differ, sorted."""
+    return sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
 
 
 def _stats(d: dict) -> SampleStats:
