@@ -99,15 +99,14 @@ def load_samples(path: str | Path):
         raise FileNotFoundError(f"samples file {str(path)!r} not found (sample.py writes OUT/samples.npz)")
     try:
         with np.load(path) as z:
-            arrays = {k: z[k] for k in z.files if k in ("samples", "meta")} | {"files": z.files}
+            arrays = {k: z[k] for k in z.files if k in ("samples", "meta", "labels")} | {"files": z.files}
     except Exception as e:
         raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {e})") from None
     if "samples" not in arrays:
         raise ValueError(f"{path} has no 'samples' array (it holds {arrays['files']}); pass a sample.py output")
     x = torch.from_numpy(arrays["samples"]).float()
     meta = json.loads(str(arrays["meta"])) if "meta" in arrays else {}
-    with np.load(path) as z:
-        meta["classes"] = sorted(set(z["labels"].tolist())) if "labels" in z.files else None
+    meta["classes"] = sorted(set(arrays["labels"].tolist())) if "labels" in arrays else None
     bad = int((~torch.isfinite(x)).sum())
     if bad:
         raise ValueError(f"{path} holds {bad} non-finite values (NaN/inf): the sampler diverged; nothing to score")
@@ -182,10 +181,11 @@ def run(args) -> int:
     for p, f in feats.items():
         meta = runs[p][1]
         kid, kid_std = kid_from_features(ref, f, seed=args.seed)
+        iv = bootstrap_fid(ref, f, n_boot=args.bootstrap, seed=args.seed) if args.bootstrap else None
         row = {"file": str(p), "n": len(f), "sampler": meta.get("sampler"), "steps": meta.get("steps"),
-               name: fid_from_features(ref, f), kid_name: kid, f"{kid_name}_std": kid_std}
-        if args.bootstrap:
-            iv = bootstrap_fid(ref, f, n_boot=args.bootstrap, seed=args.seed)
+               name: fid_from_features(ref, f) if iv is None else iv.value,  # the bootstrap computed it already
+               kid_name: kid, f"{kid_name}_std": kid_std}
+        if iv is not None:
             row[f"{name}_interval"] = [iv.low, iv.high]
         if p != first:
             row["paired"] = paired(runs[first][1], meta, len(feats[first]), len(f))
