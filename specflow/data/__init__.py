@@ -1,10 +1,11 @@
-"""Data: image DataModules (digits, CIFAR-10, ImageFolder) and the analytic Gaussian mixture for tests/benchmarks.
+"""Data: image DataModules (digits, Fashion-MNIST, CIFAR-10, ImageFolder) and the analytic Gaussian mixture for tests/benchmarks.
 
 Imports are lazy so that ``from specflow.data.toy import GaussianMixture`` stays free of Lightning.
 """
 from importlib import import_module
 
-_WHERE = {"CIFAR10DataModule": "images", "DigitsDataModule": "images", "ImageFolderDataModule": "images",
+_WHERE = {"CIFAR10DataModule": "images", "DigitsDataModule": "images",
+          "FashionMNISTDataModule": "fashion", "ImageFolderDataModule": "images",
           "GaussianMixture": "toy", "ToyMixtureDataModule": "toy_module"}
 __all__ = sorted(_WHERE)
 
