@@ -12,6 +12,11 @@ h_i and prediction x̂1_i. Every pair (i, i + d) is an example for offset d: hea
 to the frozen drafter's (``train/frozen``, x̂1_i as the guess). L + 1 target calls give L(L+1)/2 examples.
 ``weighting="accept"`` weights each example by how much its x̂1 error moves the speculative acceptance.
 
+Both can also be trained on what verification pays rather than on a velocity MSE (``loss`` / ``weighting``
+"kl" or "log_accept", see ``transition_loss``): a drafted step from t to s is accepted with probability
+2Φ(−z/2), z = ‖m̂ − m‖/c = r·‖x̂1_draft − x̂1_target‖ (the whole image's error in units of the step's noise),
+so the loss is priced in z on the grid the sampler will run.
+
 The target is loaded in ``setup`` from ``target_ckpt`` (so ``load_from_checkpoint`` needs neither the
 target nor a config), kept frozen and in eval mode, and left out of the draft's checkpoint; the checkpoint
 records the target's fingerprint (``specflow.checkpoint``) so a draft is never used with another target.
@@ -138,18 +143,29 @@ class DraftFlow(DraftModule):
         arch, net: the draft's architecture for ``specflow.nets.build_net`` (plain types); its image size,
             channels and classes must match the target's (checked in ``setup``).
         lr, weight_decay, betas, warmup_steps, decay_steps: AdamW, linear warm-up, cosine decay to 10 %.
-        time_sampling: law of t on the path ("uniform" | "logit_normal").
+        time_sampling: law of t on the path ("uniform" | "logit_normal") for ``loss="mse"``.
         label_dropout: share of labels replaced by the null class, so the draft also learns the
             unconditional velocity used by classifier-free guidance.
+        loss: "mse" (velocity MSE), or priced in the speculative step's noise on the grids ``steps``
+            (t = k/N, k uniform over the steps that have noise): "kl" (z²/2) or "log_accept" (−log of the
+            step's acceptance probability); see ``transition_loss``.
+        steps: grid sizes N the "kl" / "log_accept" losses price the step on (one N per row).
     """
 
     drafter = "model"
 
     def __init__(self, target_ckpt: str = "", arch: str = "unet", net: dict | None = None, lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 100, betas: tuple[float, float] = (0.9, 0.999),
-                 decay_steps: int = 0, time_sampling: str = "uniform", label_dropout: float = 0.1):
+                 decay_steps: int = 0, time_sampling: str = "uniform", label_dropout: float = 0.1,
+                 loss: str = "mse", steps: list[int] = (100,)):
         super().__init__(target_ckpt, lr, weight_decay, warmup_steps, betas, label_dropout, decay_steps)
+        if loss not in ("mse", *TRANSITION_LOSSES):
+            raise ValueError(f"loss must be one of {('mse', *TRANSITION_LOSSES)}, got {loss!r}")
+        steps = [int(n) for n in steps]
+        if not steps or min(steps) < 2:
+            raise ValueError(f"steps must list grid sizes N >= 2, got {steps}")
         self.save_hyperparameters()
+        self.hparams.steps = steps
         self.draft = build_draft("model", self._build_args())
 
     def _build_args(self) -> dict:
@@ -169,11 +185,21 @@ class DraftFlow(DraftModule):
         x1, y = self._split(batch)
         c = self._cond(y)
         x0 = torch.randn_like(x1)
-        t = sample_time(x1.shape[0], x1, self.hparams.time_sampling)
+        hp = self.hparams
+        if hp.loss == "mse":
+            t = sample_time(x1.shape[0], x1, hp.time_sampling)
+        else:  # a grid time with a noisy step after it: t = k/N, k ∈ {0, …, N − 2}
+            N = torch.tensor(hp.steps, device=x1.device)[torch.randint(len(hp.steps), x1.shape[:1], device=x1.device)]
+            t = ((torch.rand(x1.shape[0], device=x1.device) * (N - 1)).floor() / N).to(x1.dtype)
         x_t = interpolate(x0, x1, t)
         with torch.no_grad():
             v_target = self.target(x_t, t, c)
-        loss = F.mse_loss(self.draft(x_t, t, c).float(), v_target.float())
+        v = self.draft(x_t, t, c)
+        if hp.loss == "mse":
+            loss = F.mse_loss(v.float(), v_target.float())
+        else:  # x̂1 = x + (1 − t)·v: the x̂1 error is (1 − t)·(v − v_target)
+            err = expand(1 - t, v).float() * (v.float() - v_target.float())
+            loss = transition_loss(err, noise_units(t, N, cap=None), hp.loss).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite draft loss at step {self.global_step}: lower model.lr "
                                      f"({self.hparams.lr:g}) or enable trainer.gradient_clip_val")
@@ -194,6 +220,8 @@ class MedusaFlow(DraftModule):
             the draft velocity at (y, s) drives (m̂ − m = r·c·Δx̂1 there, so rejections grow like r‖Δx̂1‖;
             capped at 20, the last step's c = 0 would make it infinite): spends capacity where speculative
             acceptance is decided (late times) rather than where x̂1 errors are largest (early times).
+            "kl" / "log_accept": the loss itself priced in the step's noise (``transition_loss``; steps into
+            t = 1, which accept only an exact match, are left out).
         reuse: optimizer steps per rollout (the target calls dominate the cost on a CPU: reuse > 1 trains
             the heads more per target call; each rollout is still fresh data from the target).
         etas: the samplers rolled out, by η (0 = euler, 1 = sde), one per row.
@@ -215,8 +243,8 @@ class MedusaFlow(DraftModule):
             raise ValueError(f"steps must list grid sizes N >= 2, got {steps}")
         if not etas or not all(0.0 <= e <= 1.0 for e in etas):
             raise ValueError(f"etas must list η values in [0, 1] (0 = euler, 1 = sde), got {etas}")
-        if weighting not in ("x1", "accept"):
-            raise ValueError(f"weighting must be 'x1' or 'accept', got {weighting!r}")
+        if weighting not in ("x1", "accept", *TRANSITION_LOSSES):
+            raise ValueError(f"weighting must be one of {('x1', 'accept', *TRANSITION_LOSSES)}, got {weighting!r}")
         if offsets < 1 or reuse < 1:
             raise ValueError(f"offsets and reuse must be >= 1, got offsets={offsets}, reuse={reuse}")
         self.save_hyperparameters()
@@ -290,10 +318,16 @@ class MedusaFlow(DraftModule):
         pred = self.draft.predict_x1(Y[dst].flatten(0, 1), T[dst].flatten(), features=H[src].flatten(0, 1),
                                      x_src=Y[src].flatten(0, 1), t_src=T[src].flatten(),
                                      x1_src=X1[src].flatten(0, 1)).view_as(Y[dst])
-        err = (pred.float() - X1[dst].float()).pow(2).flatten(2).mean(2)  # (pairs, B)
+        diff = pred.float() - X1[dst].float()
         w = valid[dst].float()
-        if self.hparams.weighting == "accept":
-            w = w * _accept_weight(T[dst], N)
+        if self.hparams.weighting in TRANSITION_LOSSES:  # steps into t = 1 (r = 0 there): no draft can win them
+            w = w * (T[dst] < 1 - 1.0 / N - 1e-6).float()
+            r = torch.where(w > 0, noise_units(T[dst], N, cap=None), 0.0)  # zeroed before the loss, not after:
+            err = transition_loss(diff, r, self.hparams.weighting)  # a masked huge z would still send NaN back
+        else:
+            err = diff.pow(2).flatten(2).mean(2)  # (pairs, B)
+            if self.hparams.weighting == "accept":
+                w = w * noise_units(T[dst], N).float()
         per_head = torch.zeros(L, device=Y.device).index_add_(0, off - 1, (err * w).sum(1))
         n_head = torch.zeros(L, device=Y.device).index_add_(0, off - 1, w.sum(1))
         per_head = per_head / n_head.clamp_min(1e-12)
@@ -311,12 +345,33 @@ class MedusaFlow(DraftModule):
         return loss
 
 
-def _accept_weight(t: Tensor, N: Tensor, cap: float = 20.0) -> Tensor:
+TRANSITION_LOSSES = ("kl", "log_accept")
+
+
+def transition_loss(err_x1: Tensor, r: Tensor, kind: str) -> Tensor:
+    """Per-example loss of a draft whose x̂1 misses the target's by ``err_x1`` (n, ...), at steps whose noise
+    units are ``r`` (n,) (``noise_units``): with z = r·‖err_x1‖ = ‖m̂ − m‖/c over the whole example,
+
+        "kl":          KL(q‖p) = z²/2 between the draft's and the target's Gaussian transitions;
+        "log_accept":  −log P(accept) = −log 2Φ(−z/2): linear in z near a match (where the sampler's
+                       acceptance is decided) and ≈ z²/8 far from one, so a poor draft still gets a gradient.
+                       Summed over a window it is −log P(all steps accepted).
+    """
+    z = r.float() * err_x1.flatten(r.ndim).float().norm(dim=-1)
+    if kind == "kl":
+        return 0.5 * z.square()
+    return -(torch.special.log_ndtr(-0.5 * z) + math.log(2.0))
+
+
+def noise_units(t: Tensor, N: Tensor, cap: float | None = 20.0) -> Tensor:
     """r = b/((1 − t)·c) for the sde step t → t + 1/N (rows' N): the draft mean's error per unit x̂1 error, in
-    units of the step's noise std c (see ``MedusaFlow``). Capped: at the last step c = 0."""
+    units of the step's noise std c (see ``MedusaFlow``). It grows from ~0.01 at t = 0 to ~86 at t = 0.98
+    (N = 100). Capped at ``cap`` (the last step's c = 0 would make it infinite); ``cap=None``: exact, and 0
+    on steps into t = 1 (they accept only an exact match: no draft error is priced there)."""
     from specflow.path import transition_coefficients
 
     s = (t + 1.0 / N.to(t.dtype)).clamp(max=1.0)
     _, b, c = transition_coefficients(t.double(), s.double(), 1.0)
     r = b / ((1 - t.double()).clamp_min(1e-12) * c.clamp_min(1e-12))
-    return r.clamp(0, cap).to(t.dtype)
+    r = r.clamp(0, cap) if cap is not None else torch.where(c > 0, r, 0.0)
+    return r.to(t.dtype)
