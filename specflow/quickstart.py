@@ -8,6 +8,9 @@
 
 Finished checkpoints are reused, so a second run only samples (``--retrain`` starts over); an interrupted
 training run resumes from its last checkpoint. Everything lands in runs/ under the current directory.
+
+``--data fashion`` runs the same table on Fashion-MNIST 28×28 (configs/fashion.yaml and fashion_medusa.yaml;
+the IDX files from ``apt-get install dataset-fashion-mnist`` or ``--data-root``): D = 784 instead of 64.
 """
 from __future__ import annotations
 
@@ -20,6 +23,14 @@ from pathlib import Path
 import torch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# Per data set: its configs, where its runs go, and the step counts that end training (the time caps only
+# guard against a very slow machine).
+DATASETS = {
+    "digits": dict(target="digits.yaml", heads="digits_medusa.yaml", runs="digits", target_steps=2250,
+                   draft_steps=350, target_minutes=15.0, draft_minutes=5.0),
+    "fashion": dict(target="fashion.yaml", heads="fashion_medusa.yaml", runs="fashion", target_steps=6000,
+                    draft_steps=800, target_minutes=58.0, draft_minutes=20.0),
+}
 
 
 def _train(entry, config: Path, steps: int, minutes: float, ckpt: Path, retrain: bool, extra: list[str]) -> None:
@@ -59,10 +70,14 @@ def main(argv: list[str] | None = None) -> None:
     # Step counts, not time, end training, so the models (and the table's NFE, acceptance and quality columns)
     # do not depend on the machine's speed, up to floating-point differences between CPUs; the time caps only
     # guard against a very slow machine (a capped run keeps its last checkpoint and says so in the log).
-    p.add_argument("--target-steps", type=int, default=2250, help="training steps of the target (~6 min, 2 cores)")
-    p.add_argument("--draft-steps", type=int, default=350, help="training steps of the Medusa heads (~2 min)")
-    p.add_argument("--target-minutes", type=float, default=15.0, help="safety cap on the target's training time")
-    p.add_argument("--draft-minutes", type=float, default=5.0, help="safety cap on the heads' training time")
+    p.add_argument("--data", choices=sorted(DATASETS), default="digits",
+                   help="digits (embedded, D = 64) or fashion (Fashion-MNIST 28×28 from local IDX files, D = 784)")
+    p.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: Debian's)")
+    p.add_argument("--target-steps", type=int, default=None,
+                   help="training steps of the target (digits 2250: ~6 min on 2 cores; fashion 6000: ~45 min)")
+    p.add_argument("--draft-steps", type=int, default=None, help="training steps of the Medusa heads (350 / 800)")
+    p.add_argument("--target-minutes", type=float, default=None, help="safety cap on the target's training time")
+    p.add_argument("--draft-minutes", type=float, default=None, help="safety cap on the heads' training time")
     p.add_argument("--steps", type=int, default=100, help="grid steps N of every sampler")
     p.add_argument("--num", type=int, default=400, help="samples per sampler (for the FID-proxy)")
     p.add_argument("--batch-size", type=int, default=200)
@@ -70,6 +85,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/quickstart", help="where the table and the grid are written")
     p.add_argument("--retrain", action="store_true", help="train again even if checkpoints exist")
     a = p.parse_args(argv)
+    spec = DATASETS[a.data]
+    for key in ("target_steps", "draft_steps", "target_minutes", "draft_minutes"):
+        if getattr(a, key) is None:
+            setattr(a, key, spec[key])
+    if a.data_root is not None and a.data != "fashion":
+        p.error("--data-root is for --data fashion (the digits are embedded)")
+    dm = _datamodule(a.data, a.data_root)  # before any training: a missing data set fails here, named
     if not CONFIGS.is_dir():
         raise SystemExit(f"configs/ not found next to the package ({CONFIGS}); run from a clone of the repo "
                          f"installed with pip install -e .")
@@ -77,22 +99,25 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     t_start = time.perf_counter()
 
+    data_args = [] if a.data_root is None else ["--data.init_args.root", a.data_root]
+
     from specflow.cli import draft_main, main as target_main
 
-    target_ckpt = Path("runs/digits/checkpoints/done.ckpt")
-    draft_ckpt = Path("runs/digits_medusa/checkpoints/done.ckpt")
-    _train(target_main, CONFIGS / "digits.yaml", a.target_steps, a.target_minutes, target_ckpt, a.retrain, [])
+    target_ckpt = Path(f"runs/{spec['runs']}/checkpoints/done.ckpt")
+    draft_ckpt = Path(f"runs/{spec['runs']}_medusa/checkpoints/done.ckpt")
+    _train(target_main, CONFIGS / spec["target"], a.target_steps, a.target_minutes, target_ckpt, a.retrain,
+           data_args)
     _finish(target_ckpt, a.target_steps)
-    _train(draft_main, CONFIGS / "digits_medusa.yaml", a.draft_steps, a.draft_minutes, draft_ckpt, a.retrain,
-           ["--model.target_ckpt", str(target_ckpt)])
+    _train(draft_main, CONFIGS / spec["heads"], a.draft_steps, a.draft_minutes, draft_ckpt, a.retrain,
+           ["--model.target_ckpt", str(target_ckpt), *data_args])
     _finish(draft_ckpt, a.draft_steps)
     t_train = time.perf_counter() - t_start
 
     from specflow import load_draft, load_target
-    from specflow.data import DigitsDataModule
     from specflow.generate import generate
     from specflow.io import save_grid_atomic, atomic_write
-    from specflow.metrics import bootstrap_fid, bootstrap_fid_difference, build_feature_extractor, extract_features
+    from specflow.metrics import (bootstrap_fid, bootstrap_fid_difference, build_feature_extractor, extract_features,
+                                  reference_images)
     from specflow.sampling import build_sampler
 
     target = load_target(target_ckpt)
@@ -108,9 +133,9 @@ def main(argv: list[str] | None = None) -> None:
         ("speculative extrapolate", build_sampler("speculative", steps=N, drafter="extrapolate", window=8), None, "sde"),
         ("speculative medusa", build_sampler("speculative", steps=N, drafter="medusa", window=8), heads, "sde"),
     ]
-    dm = DigitsDataModule(image_size=target.image_size)
     dm.setup("fit")
-    real = dm.train_set.tensors[0]
+    # the whole training set as FID's reference where it is small (digits: 1797), else a fixed 10 000 of it
+    real = dm.train_set.tensors[0] if len(dm.train_set) <= 10_000 else reference_images(dm, 10_000, seed=a.seed)
     extractor = build_feature_extractor("auto", datamodule=dm, cache=Path(a.out) / "fid_classifier.pt", max_seconds=40)
     real_f = extract_features(extractor, real)
 
@@ -132,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
 
     head = (f"{'sampler':26s} {'seq NFE':>8s} {'total NFE':>9s} {'accept':>7s} {'wall/base':>9s}  "
             f"{extractor.fid_name + ' [95% CI]':29s} Δ vs base [95% CI, paired]")
-    lines = [f"digits target, N = {N}, {a.num} samples per sampler, same per-sample noise; base = euler for the "
+    lines = [f"{a.data} target, N = {N}, {a.num} samples per sampler, same per-sample noise; base = euler for the "
              f"deterministic rows, sde for the stochastic ones (wall time from the same run)", head, "-" * len(head)]
     for label, seq, tot, acc, ratio, fid, delta in rows:
         acc_s = "-" if math.isnan(acc) else f"{acc:.2f}"
@@ -145,6 +170,17 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write(out / "table.txt", ".txt", lambda tmp: Path(tmp).write_text(table + "\n"))
     grid = save_grid_atomic(torch.cat(grids), out / "samplers.png", nrow=20, scale=4)
     print(f"\n[quickstart] one row per sampler (top to bottom as in the table): {grid}")
+
+
+def _datamodule(data: str, root: str | None):
+    """The data module of the table's FID-proxy (and its reference images), built from what the configs train on."""
+    if data == "digits":
+        from specflow.data import DigitsDataModule
+
+        return DigitsDataModule(image_size=8)
+    from specflow.data import FashionMNISTDataModule
+
+    return FashionMNISTDataModule(image_size=28, **({} if root is None else {"root": root}))
 
 
 def _finish(ckpt: Path, steps: int) -> None:

@@ -62,3 +62,35 @@ def test_a_time_capped_training_is_marked_done_and_said(tmp_path, capsys):
     (tmp_path / "a" / "done.ckpt").unlink()
     _finish(tmp_path / "a" / "done.ckpt", 10)
     assert "note" not in capsys.readouterr().out
+
+
+def test_quickstart_on_fashion_mnist(tmp_path):
+    """``--data fashion`` trains configs/fashion.yaml and fashion_medusa.yaml (here on tiny IDX files of the
+    test's own) and prints the same table for the 28×28 target."""
+    from test_fashion_data import write_set
+
+    write_set(tmp_path / "fm", n_train=40, n_test=20)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "specflow.quickstart", "--data", "fashion", "--data-root", str(tmp_path / "fm"),
+           "--target-steps", "3", "--draft-steps", "2", "--num", "8", "--batch-size", "8", "--steps", "16"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    table = (tmp_path / "runs/quickstart/table.txt").read_text()
+    assert table.startswith("fashion target, N = 16") and "speculative medusa" in table
+    import torch
+
+    ckpt = torch.load(tmp_path / "runs/fashion/checkpoints/done.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3 and ckpt["hyper_parameters"]["net"]["image_size"] == 28
+
+
+def test_quickstart_fashion_without_the_files_fails_before_training(tmp_path, monkeypatch):
+    import pytest
+
+    from specflow.quickstart import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        main(["--data", "fashion", "--data-root", str(tmp_path / "none")])
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(SystemExit):
+        main(["--data-root", str(tmp_path)])  # the digits are embedded: a root is a mistake, said by argparse
