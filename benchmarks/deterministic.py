@@ -1,7 +1,7 @@
 """Deterministic accelerations (sfm, rca, fastflow) against euler-N and equal-NFE baselines.
 
     python benchmarks/deterministic.py [--steps 50 100] [--batch 256] [--device cpu] [--models toy2 toy64]
-                                       [--ckpt digits.ckpt] [--warmup 4]
+                                       [--ckpt digits.ckpt] [--guidance 1 3] [--warmup 4]
 
 One table per (model, N). Rows: euler-N (the reference the accelerations approximate), each accelerated
 run, then the honest baselines — euler and ab2 with round(total_nfe) steps and heun with round(total_nfe/2)
@@ -9,12 +9,13 @@ steps (heun pays 2 calls per step) for every accelerated run's cost. Columns:
   total_nfe, seq_nfe     target rows per sample / batched target calls (stats, counted by the Evaluator)
   acc                    sfm acceptance rate of checked leaps
   err_eN / psnr_eN       relative L2 error vs euler-N (PSNR in data space [-1, 1] for image models)
-  err_fine               relative L2 error vs heun with 4N steps (the fine reference)
+  err_fine / psnr_fine   relative L2 error (and PSNR for image models) vs heun with 4N steps (the fine reference)
   time                   wall time / wall time of euler-N, same process, same batch
 Bandit samplers (sfm leap=bandit, fastflow) learn online: they first see ``--warmup`` other batches (fastflow's
 first one calibrates μ), then the table batch. rca is lossy by design (no check, no fallback).
 Models: toy2 / toy64 are the analytic mixture's exact velocity (dim 2; dim 64 shaped 1x8x8 with means of
-norm 2, i.e. pixel scale ~0.25, reported with PSNR); --ckpt loads a trained TargetFlow (EMA net).
+norm 2, i.e. pixel scale ~0.25, reported with PSNR); --ckpt loads a trained TargetFlow (EMA net), sampled with
+each classifier-free guidance scale of --guidance (1: the plain conditional model).
 """
 import argparse
 import math
@@ -38,8 +39,8 @@ ACCEL = [  # (label, sampler, options, learns online)
 ]
 
 
-def load_model(name: str, args):
-    """(velocity model, sample shape, dtype, cond maker, is_image)."""
+def load_model(name: str, args, guidance: float | None = None):
+    """(velocity model, sample shape, dtype, cond maker, is_image); ``guidance`` wraps a checkpoint's net."""
     if name == "toy2":
         return GaussianMixture.default(dim=2), (2,), torch.float64, None, False
     if name == "toy64":
@@ -55,6 +56,10 @@ def load_model(name: str, args):
     shape = (hp.get("in_channels", 1), hp.get("image_size", 8), hp.get("image_size", 8))
     ncls = lit.num_classes
     cond = (lambda B, g: torch.randint(0, ncls, (B,), generator=g).to(args.device)) if ncls else None
+    if guidance is not None and guidance != 1:
+        from specflow.lit.guidance import guidance as guided
+
+        net = guided(net, guidance)
     return net, shape, torch.float32, cond, True
 
 
@@ -71,8 +76,8 @@ def error(a, b, image):
     return f"{rel:.2e} / {10 * math.log10(4 / max(mse, 1e-30)):5.1f}dB"
 
 
-def table(model_name, N, args):
-    model, shape, dtype, make_cond, image = load_model(model_name, args)
+def table(model_name, N, args, guidance=None):
+    model, shape, dtype, make_cond, image = load_model(model_name, args, guidance)
     g = torch.Generator().manual_seed(args.seed)
     x0 = torch.randn(args.batch, *shape, generator=g, dtype=dtype).to(args.device)
     cond = make_cond(args.batch, g) if make_cond else None
@@ -83,7 +88,7 @@ def table(model_name, N, args):
         s = res.stats
         acc = "" if math.isnan(s.acceptance_rate) else f"{s.acceptance_rate:.2f}"
         rows.append((label, f"{s.total_nfe:.1f}", str(s.sequential_nfe), acc, error(res.samples, eN, image),
-                     error(res.samples, fine, False), f"{s.wall_time_s / ref_time:.2f}"))
+                     error(res.samples, fine, image), f"{s.wall_time_s / ref_time:.2f}"))
 
     build_sampler("euler", steps=N).sample(model, x0, cond=cond)  # warm-up (allocator, threads)
     res_eN, t_eN = min((timed(build_sampler("euler", steps=N), model, x0, cond) for _ in range(3)),
@@ -112,10 +117,11 @@ def table(model_name, N, args):
             done.add((name, M))
             res, _ = timed(build_sampler(name, steps=M), model, x0, cond)
             add(f"  {name}-{M}", res, t_eN)
-    err_col = "err_eN / psnr_eN" if image else "err_eN"
-    head = ("method", "total_nfe", "seq_nfe", "acc", err_col, "err_fine", "time")
+    err_col, fine_col = ("err_eN / psnr_eN", "err_fine / psnr_fine") if image else ("err_eN", "err_fine")
+    head = ("method", "total_nfe", "seq_nfe", "acc", err_col, fine_col, "time")
     w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-    print(f"\n### {model_name}, N = {N}, batch {args.batch}, {args.device}, dtype {str(dtype)[6:]}")
+    gs = "" if guidance is None else f", guidance {guidance:g}"
+    print(f"\n### {model_name}{gs}, N = {N}, batch {args.batch}, {args.device}, dtype {str(dtype)[6:]}")
     for r in [head] + rows:
         print("  ".join(str(v).ljust(w[i]) for i, v in enumerate(r)))
 
@@ -127,16 +133,20 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--models", nargs="*", default=["toy2", "toy64"], help="toy2 toy64 (none: only --ckpt)")
     p.add_argument("--ckpt", default=None, help="a TargetFlow checkpoint (e.g. the trained digits UNet)")
+    p.add_argument("--guidance", type=float, nargs="+", default=[None],
+                   help="classifier-free guidance scales for --ckpt (1 = the conditional model)")
     p.add_argument("--warmup", type=int, default=4, help="batches the online-learning samplers see first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = args.models + ([args.ckpt] if args.ckpt else [])
-    for m in models:
+    for m in args.models:
         for N in args.steps:
             table(m, N, args)
+    for g in (args.guidance if args.ckpt else []):
+        for N in args.steps:
+            table(args.ckpt, N, args, g)
 
 
 if __name__ == "__main__":

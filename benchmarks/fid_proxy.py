@@ -1,14 +1,19 @@
 """Sample quality of a trained image model per sampler: FID-proxy with bootstrap intervals, printed as a table.
 
     python benchmarks/fid_proxy.py --ckpt runs/digits/checkpoints/last.ckpt --num 1797 --steps 100
+    python benchmarks/fid_proxy.py --data fashion --ckpt runs/fashion/checkpoints/last.ckpt \
+        --draft runs/fashion_medusa/checkpoints/last.ckpt --num 2000 --rival-calls 30 \
+        --only sde speculative "LOSSY accept-all" "RIVAL sde N=30" "RIVAL ab2 N=30" "RIVAL heun N=15"
 
 Every sampler draws the same sample indices 0..num−1 (per-sample noise streams of --seed), so the
 difference column is paired: Δ = FID-proxy(sampler) − FID-proxy(sde) with a paired bootstrap interval
 (reference and sample indices resampled together). Exact samplers (speculative) should show Δ ≈ 0 (interval
 holding 0); the lossy controls must not. Features come from ``specflow.metrics.build_feature_extractor``
-("auto": Inception if its weights are on disk, else the digits classifier — then the numbers are FID-proxy,
-comparable only with each other). Columns: seq / total NFE per sample, acceptance, wall time (CPU here),
-FID-proxy [95 % interval], Δ vs sde [95 % interval].
+("auto": Inception if its weights are on disk, else a small classifier trained on --data — then the numbers
+are FID-proxy, comparable only with each other; the reference is the data module's unaugmented training set,
+at most --reference of it). With --draft (a Medusa or small-net checkpoint of the target) the speculative
+rows draft with it; else with the training-free extrapolation. Columns: seq / total NFE per sample,
+acceptance, wall time (CPU here), FID-proxy [95 % interval], Δ vs sde [95 % interval].
 """
 from __future__ import annotations
 
@@ -17,10 +22,11 @@ import time
 
 import torch
 
-from specflow.data import DigitsDataModule
+from specflow.checkpoint import DRAFT_KEY, load_draft, load_target, read_checkpoint
+from specflow.data import DigitsDataModule, FashionMNISTDataModule
 from specflow.generate import sample_indices
-from specflow.lit.target import TargetFlow
-from specflow.metrics import bootstrap_fid, bootstrap_fid_difference, build_feature_extractor, extract_features
+from specflow.metrics import (bootstrap_fid, bootstrap_fid_difference, build_feature_extractor, extract_features,
+                              reference_images)
 from specflow.sampling import build_sampler
 from specflow.sampling.speculative import Speculative
 from specflow.tally import Tally
@@ -34,12 +40,12 @@ class AcceptAll(Speculative):
         return L.clone()
 
 
-def samplers(steps: int, rival_calls: int) -> dict:
+def samplers(steps: int, rival_calls: int, drafter: str = "extrapolate") -> dict:
     n = rival_calls  # the plain solvers at speculation's sequential calls: what fewer steps alone would give
     return {
         "sde": build_sampler("sde", steps=steps),
-        "speculative": build_sampler("speculative", steps=steps, window=8),
-        "speculative-bandit": build_sampler("speculative", steps=steps, window="bandit"),
+        "speculative": build_sampler("speculative", steps=steps, drafter=drafter, window=8),
+        "speculative-bandit": build_sampler("speculative", steps=steps, drafter=drafter, window="bandit"),
         "euler": build_sampler("euler", steps=steps),
         "sfm": build_sampler("sfm", steps=steps),
         "fastflow": build_sampler("fastflow", steps=steps),
@@ -55,6 +61,11 @@ def samplers(steps: int, rival_calls: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--data", choices=["digits", "fashion", "fashion14"], default="digits",
+                    help="the target's data set: the classifier's training set and FID's reference")
+    ap.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: Debian's)")
+    ap.add_argument("--draft", default=None, help="a draft checkpoint of the target (medusa or small net)")
+    ap.add_argument("--reference", type=int, default=10_000, help="reference images (at most the training set)")
     ap.add_argument("--num", type=int, default=1797, help="samples per sampler")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
@@ -67,20 +78,34 @@ def main() -> None:
                          "speculative's sequential NFE per sample (default: 0.3·steps)")
     args = ap.parse_args()
 
-    target = TargetFlow.load_from_checkpoint(args.ckpt, map_location="cpu")
-    net = target.velocity_model()
+    net = load_target(args.ckpt)
     shape = (net.in_channels, net.image_size, net.image_size)
-    dm = DigitsDataModule(image_size=net.image_size)
+    draft, drafter = None, "extrapolate"
+    if args.draft:
+        draft = load_draft(args.draft, net)
+        drafter = read_checkpoint(args.draft, "draft checkpoint")[DRAFT_KEY]["drafter"]
+    if args.data == "digits":
+        dm = DigitsDataModule(image_size=net.image_size)
+    else:
+        dm = FashionMNISTDataModule(image_size=28 if args.data == "fashion" else 14,
+                                    **({} if args.data_root is None else {"root": args.data_root}))
+    if dm.image_size != net.image_size:
+        raise SystemExit(f"--data {args.data} is {dm.image_size} px but the target is {net.image_size} px")
     extractor = build_feature_extractor("auto", dm, cache=args.cache)
-    print(f"features: {extractor.description}")
-    real, _ = dm.images()
-    ref = extract_features(extractor, real)  # all 1797 digits
+    print(f"features: {extractor.description}; drafter of the speculative rows: {drafter}")
+    dm.setup("fit")
+    real = reference_images(dm, min(args.reference, len(dm.reference_set())), seed=args.seed)
+    ref = extract_features(extractor, real)
     feats, rows = {}, []
-    for label, sampler in samplers(args.steps, args.rival_calls or max(round(0.3 * args.steps), 1)).items():
+    table = samplers(args.steps, args.rival_calls or max(round(0.3 * args.steps), 1), drafter)
+    if args.only and set(args.only) - set(table):
+        raise SystemExit(f"unknown --only labels {sorted(set(args.only) - set(table))}; valid: {list(table)}")
+    for label, sampler in table.items():
         if args.only and label not in args.only:
             continue
         t0 = time.perf_counter()
-        x, stats = sample_indices(net, sampler, range(args.num), shape, args.seed, net.num_classes, args.batch)
+        x, stats = sample_indices(net, sampler, range(args.num), shape, args.seed, net.num_classes, args.batch,
+                                  draft=draft)
         wall = time.perf_counter() - t0
         tally = Tally()
         for st, n in zip(stats, torch.arange(args.num).split(args.batch)):

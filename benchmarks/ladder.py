@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--rungs", nargs="+", default=list(RUNGS), help=f"of {list(RUNGS)}; each reads runs/<rung>*")
     ap.add_argument("--runs", default=".", help="folder holding runs/")
     ap.add_argument("--ckpt", default="last.ckpt", help="checkpoint name inside each checkpoints/ folder")
+    ap.add_argument("--draft-suffix", default="", help="read drafts from runs/<rung>_draft<suffix>, "
+                    "runs/<rung>_medusa<suffix> (e.g. _mse: the MSE-trained drafts of the loss comparison)")
     ap.add_argument("--steps", type=int, nargs="+", default=[100, 50])
     ap.add_argument("--windows", nargs="+", default=["4", "8", "bandit"])
     ap.add_argument("--drafters", nargs="+", default=["frozen", "extrapolate", "model", "medusa"])
@@ -97,7 +99,8 @@ def main():
         with torch.no_grad():
             f_t = flops(target, x, t, y)
             for kind in ("model", "medusa"):
-                p = Path(f"{base}_{'draft' if kind == 'model' else 'medusa'}") / "checkpoints" / args.ckpt
+                folder = f"{base}_{'draft' if kind == 'model' else 'medusa'}{args.draft_suffix}"
+                p = Path(folder) / "checkpoints" / args.ckpt
                 if not p.is_file():
                     print(f"{rung:>9} no {kind} draft at {p}: its rows are skipped")
                     continue
