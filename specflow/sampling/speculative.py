@@ -18,6 +18,7 @@ NoiseTable, so with draft = target every step is accepted and the output equals 
 The drafter only ever observes target evaluations at states of the chain (never at discarded drafts), so a
 proposal never depends on the noise of the step it proposes. The window L is fixed, or chosen per sample by
 a bandit (context: time bucket of t_k; reward: steps advanced per sequential target call, i.e. per round).
+``verifier="block"`` judges the window as a block instead (block.py): same law, at least as many steps kept.
 """
 from __future__ import annotations
 
@@ -31,12 +32,16 @@ from torch import Tensor
 from specflow.path import per_sample, transition_coefficients
 from specflow.sampling import keyed
 from specflow.sampling.bandit import POLICIES, Bandit, check_arms, time_bucket
+from specflow.sampling.block import kept_steps, residual_draw, residual_noise, round_noise
 from specflow.sampling.base import Sampler, register
 from specflow.sampling.coupling import IsoGaussian, log_acceptance, reflect, residual_sample
 from specflow.sampling.drafters import DRAFTERS, make_drafter
 from specflow.sampling.graphs import for_tensor as graphs_for
 from specflow.sampling.noise import NoiseTable
 from specflow.sampling.opcount import host_side
+
+
+VERIFIERS = ("greedy", "block")
 
 
 @dataclasses.dataclass
@@ -56,6 +61,7 @@ class _Round:
     V: Tensor = None     # (L+1, B, ...) target velocities where evaluated (V[0] = the paid one where known)
     H: Tensor = None     # (L+1, B, ...) the target's trunk features where evaluated (drafters that read them)
     m: Tensor = None     # (L, B, ...) the target's means m_j (set by _verify)
+    log_p: Tensor = None  # (L+1, B) block verification's weights log p_j (set by _verify, block only)
 
 
 @register
@@ -77,6 +83,10 @@ class Speculative(Sampler):
     row_bucket: pad each target call to a multiple of this many rows (repeating one row; the padding is
         paid for, so it counts in total_nfe). 0: no padding. Ragged calls have a new row count almost every
         round, and conv libraries (cuDNN) plan per shape; a bucket keeps the shapes few.
+    verifier: "greedy" (the paper's rule: accept step by step up to the first rejection) or "block" (judge
+        the window as a block and draw the residual in one step, block.py: keeps at least as many steps,
+        same law). Block verification draws fresh keyed noise each round, needs the draft's covariance
+        (draft_eta=None) and runs eagerly (no CUDA graphs, no compile).
 
     Determinism: a seeded generator reproduces a batch exactly. With per-sample generators
     (``noise.per_sample_generators``) and a fixed window, a sample is the same alone or in any batch (the
@@ -96,6 +106,7 @@ class Speculative(Sampler):
     cuda_graphs: bool = True
     compile: bool = False
     row_bucket: int = 0
+    verifier: str = "greedy"
 
     def __post_init__(self):
         super().__post_init__()
@@ -112,6 +123,14 @@ class Speculative(Sampler):
         self.arms = check_arms(self.arms)
         if not isinstance(self.row_bucket, int) or isinstance(self.row_bucket, bool) or self.row_bucket < 0:
             raise ValueError(f"row_bucket must be an integer >= 0 (0: no padding), got {self.row_bucket!r}")
+        if self.verifier not in VERIFIERS:
+            raise ValueError(f"unknown verifier {self.verifier!r}; valid: {', '.join(VERIFIERS)}")
+        if self.verifier == "block" and self.draft_eta is not None:
+            raise ValueError(f"verifier='block' draws its residual along the line between the two means, "
+                             f"which is exact only when the draft's step has the target's covariance: use "
+                             f"draft_eta=None (got draft_eta={self.draft_eta}), or verifier='greedy'")
+        if self.verifier == "block" and self.compile:
+            raise ValueError("verifier='block' runs eagerly: use compile=False (or verifier='greedy')")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown bandit policy {self.policy!r}; valid: {', '.join(POLICIES)}")
         if self.compile and not (DRAFTERS[self.drafter].predicts_x1 and self.draft_eta is None):
@@ -152,11 +171,14 @@ class Speculative(Sampler):
     # length (graphs.py). benchmarks/speculative.py measures the time outside the model.
     def _run(self, f, x, grid, draft, generator, stats):
         N, B, dev = self.steps, x.shape[0], x.device
-        noise = NoiseTable(N, x, generator, uniforms=True)  # ε_k, u_k per (grid step, sample)
-        tab = dict(t=grid.to(dev, x.dtype), P=_step_table(grid, self.eta, x), eps=noise.eps,
-                   eps_sq=0.5 * _sqnorm(noise.eps), log_u=noise.u.log())
+        block = self.verifier == "block"
+        tab = dict(t=grid.to(dev, x.dtype), P=_step_table(grid, self.eta, x))
+        if not block:  # block verification draws fresh noise every round (block.py)
+            noise = NoiseTable(N, x, generator, uniforms=True)  # ε_k, u_k per (grid step, sample)
+            tab.update(eps=noise.eps, eps_sq=0.5 * _sqnorm(noise.eps), log_u=noise.u.log())
         tab["Q"] = tab["P"] if self.draft_eta is None else _step_table(grid, self.draft_eta, x)
-        keys = keyed.sample_keys(generator, B, x) if self.draft_eta is not None else None
+        keys = keyed.sample_keys(generator, B, x) if self.draft_eta is not None or block else None
+        tab["keys"] = keys
         drafter = make_drafter(self.drafter)
         drafter.reset(x)
         c = _Chain(x=x.clone(), v=torch.zeros_like(x), k=torch.zeros(B, dtype=torch.long, device=dev),
@@ -164,7 +186,8 @@ class Speculative(Sampler):
                    W=torch.full((B,), self.window if self._bandit is None else 1, dtype=torch.long, device=dev))
         jj_cpu = torch.arange((max(self.arms) if self._bandit is not None else self.window) + 1)[:, None]
         jj = jj_cpu.to(dev)
-        graphs = graphs_for(x, self.cuda_graphs and drafter.predicts_x1 and self.draft_eta is None)
+        graphs = graphs_for(x, self.cuda_graphs and drafter.predicts_x1 and self.draft_eta is None
+                            and not block)
         propose, settle = _compiled(type(self)) if self.compile else (type(self)._propose, type(self)._settle)
         arms = torch.zeros(len(self.arms), dtype=torch.long)
         played = None
@@ -248,8 +271,13 @@ class Speculative(Sampler):
         P = tab["P"][Jc]
         Q = P if tab["Q"] is tab["P"] else torch.cat([torch.where(ex[:, None], P[:1], tab["Q"][Jc[:1]]),
                                                      tab["Q"][Jc[1:]]])  # the target's own step uses p
+        if self.verifier == "block":
+            eps, log_u = round_noise(tab["keys"], k, Lmax, N, x)
+            eps_sq = 0.5 * _sqnorm(eps)
+        else:
+            eps, eps_sq, log_u = tab["eps"][Jc, ar], tab["eps_sq"][Jc, ar], tab["log_u"][Jc, ar]
         r = _Round(Y=x.new_empty((Lmax + 1, *x.shape)), T=tab["t"][J.clamp(max=N)], P=P, Ch=Q[..., 2],
-                   eps=tab["eps"][Jc, ar], eps_sq=tab["eps_sq"][Jc, ar], log_u=tab["log_u"][Jc, ar], ar=ar)
+                   eps=eps, eps_sq=eps_sq, log_u=log_u, ar=ar)
         S = tab["t"][Jc]  # each step's start time (= T[:-1] where real; < 1 even in padding)
         a_q, b_q = per_sample(Q[..., 0], x), per_sample(Q[..., 1], x)
         ce = per_sample(Q[..., 2], x) * r.eps  # ĉ_j·ε_{k+j}
@@ -287,6 +315,11 @@ class Speculative(Sampler):
         else:
             ell = log_acceptance(r.Y[1:], IsoGaussian(r.m, r.P[..., 2]),
                                  IsoGaussian(r.Y[1:] - per_sample(r.Ch, r.Y[0]) * r.eps, r.Ch))
+        if self.verifier == "block":  # δ = m̂ − m = (y − m) − c·ε; its length in noise units (inf: c = 0)
+            c = r.P[..., 2]
+            dist = (_sqnorm(d - per_sample(c, r.Y[0]) * r.eps).sqrt() / c).nan_to_num(nan=0.0)
+            tau, r.log_p = kept_steps(ell, dist, r.log_u, L, ex)
+            return tau
         ok = r.log_u < ell  # strict: u = 0 never accepts a zero ratio
         ok |= jj[1:r.Y.shape[0]] > L  # padding
         ok[0] |= ex  # the target's own step
@@ -299,6 +332,11 @@ class Speculative(Sampler):
         x = r.Y[torch.where(rej, a + 1, L), ar]
         j = a.clamp(max=r.m.shape[0] - 1)  # the first rejected step (garbage where nothing was rejected)
         m, c, eps = r.m[j, ar], r.P[j, ar, 2], r.eps[j, ar]
+        if self.verifier == "block":  # the residual (p_τ·P_τ − Q_τ)+, drawn in one step with fresh noise
+            m_hat = torch.addcmul(r.Y[j + 1, ar], per_sample(c, eps), eps, value=-1)
+            e2, w = residual_noise(keys, k, self.steps, x)
+            xr = residual_draw(m_hat, m, c, r.log_p[j, ar], e2, w)
+            return torch.where(per_sample(rej, x), xr, x), rej
         if self.draft_eta is None:  # reflection maximal coupling, dense (no sync to find the rejected rows)
             m_hat = torch.addcmul(r.Y[j + 1, ar], per_sample(c, eps), eps, value=-1)
             return torch.where(per_sample(rej, x), self._couple(m_hat, m, c, eps), x), rej
