@@ -123,7 +123,7 @@ def test_block_sample_is_the_same_alone_or_in_a_batch():
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(verifier="tree"), "valid: greedy, block"),
+    (dict(verifier="beam"), "valid: greedy, block, tree"),
     (dict(verifier="block", draft_eta=0.7), "draft_eta=None"),
     (dict(verifier="block", compile=True), "compile=False"),
 ])

@@ -39,9 +39,10 @@ from specflow.sampling.drafters import DRAFTERS, make_drafter
 from specflow.sampling.graphs import for_tensor as graphs_for
 from specflow.sampling.noise import NoiseTable
 from specflow.sampling.opcount import host_side
+from specflow.sampling.tree import run_tree
 
 
-VERIFIERS = ("greedy", "block")
+VERIFIERS = ("greedy", "block", "tree")
 
 
 @dataclasses.dataclass
@@ -85,8 +86,13 @@ class Speculative(Sampler):
         round, and conv libraries (cuDNN) plan per shape; a bucket keeps the shapes few.
     verifier: "greedy" (the paper's rule: accept step by step up to the first rejection) or "block" (judge
         the window as a block and draw the residual in one step, block.py: keeps at least as many steps,
-        same law). Block verification draws fresh keyed noise each round, needs the draft's covariance
-        (draft_eta=None) and runs eagerly (no CUDA graphs, no compile).
+        same law), or "tree" (``branches`` windows drafted from each state, verified in the one call, the
+        first drafted step chosen among them by recursive rejection sampling, tree.py: every branch's rows
+        count in total_nfe). Both draw fresh keyed noise each round, need the draft's covariance
+        (draft_eta=None) and run eagerly (no CUDA graphs, no compile); tree needs a drafter whose prediction
+        does not read the drafted states (frozen, extrapolate).
+    branches: the tree's branch count K ≥ 2 (verifier="tree" only; default 2): up to K·L + 1 target rows
+        per round.
 
     Determinism: a seeded generator reproduces a batch exactly. With per-sample generators
     (``noise.per_sample_generators``) and a fixed window, a sample is the same alone or in any batch (the
@@ -107,6 +113,7 @@ class Speculative(Sampler):
     compile: bool = False
     row_bucket: int = 0
     verifier: str = "greedy"
+    branches: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -123,14 +130,7 @@ class Speculative(Sampler):
         self.arms = check_arms(self.arms)
         if not isinstance(self.row_bucket, int) or isinstance(self.row_bucket, bool) or self.row_bucket < 0:
             raise ValueError(f"row_bucket must be an integer >= 0 (0: no padding), got {self.row_bucket!r}")
-        if self.verifier not in VERIFIERS:
-            raise ValueError(f"unknown verifier {self.verifier!r}; valid: {', '.join(VERIFIERS)}")
-        if self.verifier == "block" and self.draft_eta is not None:
-            raise ValueError(f"verifier='block' draws its residual along the line between the two means, "
-                             f"which is exact only when the draft's step has the target's covariance: use "
-                             f"draft_eta=None (got draft_eta={self.draft_eta}), or verifier='greedy'")
-        if self.verifier == "block" and self.compile:
-            raise ValueError("verifier='block' runs eagerly: use compile=False (or verifier='greedy')")
+        self._check_verifier()
         if self.policy not in POLICIES:
             raise ValueError(f"unknown bandit policy {self.policy!r}; valid: {', '.join(POLICIES)}")
         if self.compile and not (DRAFTERS[self.drafter].predicts_x1 and self.draft_eta is None):
@@ -161,6 +161,34 @@ class Speculative(Sampler):
         if "bandit" in state:
             self._bandit.load_state_dict(state["bandit"])
 
+    def _check_verifier(self):
+        v = self.verifier
+        if v not in VERIFIERS:
+            raise ValueError(f"unknown verifier {v!r}; valid: {', '.join(VERIFIERS)}")
+        if v == "tree":
+            if self.branches is None:
+                self.branches = 2
+            K = self.branches
+            if not isinstance(K, int) or isinstance(K, bool) or K < 2:
+                raise ValueError(f"verifier='tree' drafts `branches` windows per round: an integer >= 2, got "
+                                 f"{K!r} (with 1 branch the tree is verifier='greedy')")
+            if not DRAFTERS[self.drafter].predicts_x1:
+                raise ValueError(f"verifier='tree' needs every branch to share the draft mean at its branch "
+                                 f"point, which holds for drafters that predict x̂1 without reading the drafted "
+                                 f"states ('frozen', 'extrapolate'); drafter={self.drafter!r} reads them: use "
+                                 f"verifier='greedy' or 'block' with it")
+        elif self.branches is not None:
+            raise ValueError(f"branches={self.branches!r} applies to verifier='tree' only (got verifier={v!r})")
+        if v != "greedy" and self.draft_eta is not None:
+            raise ValueError(f"verifier={v!r} draws its residuals along the line between the two means, which "
+                             f"is exact only when the draft's step has the target's covariance: use "
+                             f"draft_eta=None (got draft_eta={self.draft_eta}), or verifier='greedy'")
+        if v != "greedy" and self.compile:
+            raise ValueError(f"verifier={v!r} runs eagerly: use compile=False (or verifier='greedy')")
+        if v == "tree" and self.row_bucket:
+            raise ValueError("verifier='tree' does not pad its calls: use row_bucket=0 (or verifier='greedy')")
+
+
     # ---------------------------------------------------------------------------------------------------
     # The round is written for GPU latency: every sample stays in the batch (finished ones with an empty
     # window), tables are gathered once per round, and the host syncs ONCE per round: ``f.fetch`` copies each
@@ -170,6 +198,8 @@ class Speculative(Sampler):
     # observe, advance), that update the chain in place; on CUDA they are captured as CUDA graphs per window
     # length (graphs.py). benchmarks/speculative.py measures the time outside the model.
     def _run(self, f, x, grid, draft, generator, stats):
+        if self.verifier == "tree":
+            return run_tree(self, f, x, grid, generator, stats)
         N, B, dev = self.steps, x.shape[0], x.device
         block = self.verifier == "block"
         tab = dict(t=grid.to(dev, x.dtype), P=_step_table(grid, self.eta, x))
