@@ -29,7 +29,7 @@ DATASETS = {
     "digits": dict(target="digits.yaml", heads="digits_medusa.yaml", runs="digits", target_steps=2250,
                    draft_steps=350, target_minutes=15.0, draft_minutes=5.0),
     "fashion": dict(target="fashion.yaml", heads="fashion_medusa.yaml", runs="fashion", target_steps=6000,
-                    draft_steps=800, target_minutes=58.0, draft_minutes=20.0),
+                    draft_steps=200, target_minutes=58.0, draft_minutes=20.0),
 }
 
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: Debian's)")
     p.add_argument("--target-steps", type=int, default=None,
                    help="training steps of the target (digits 2250: ~6 min on 2 cores; fashion 6000: ~45 min)")
-    p.add_argument("--draft-steps", type=int, default=None, help="training steps of the Medusa heads (350 / 800)")
+    p.add_argument("--draft-steps", type=int, default=None, help="training steps of the Medusa heads (350 / 200)")
     p.add_argument("--target-minutes", type=float, default=None, help="safety cap on the target's training time")
     p.add_argument("--draft-minutes", type=float, default=None, help="safety cap on the heads' training time")
     p.add_argument("--steps", type=int, default=100, help="grid steps N of every sampler")

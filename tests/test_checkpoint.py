@@ -551,3 +551,29 @@ def test_sample_py_exports_for_other_fid_tools(ckpts, tmp_path, capsys):
     assert (out / "samples.npz").stat().st_mtime_ns == stamp
     assert "samples_png exists and is not an earlier export (mine.txt)" in capsys.readouterr().err
     assert (out / "samples_png" / "mine.txt").read_text() == "keep" and len(list((out / "samples_png").iterdir())) == 6
+
+
+def test_a_fashion_draft_given_to_a_digits_target_is_refused(ckpts, tmp_path):
+    """A draft trained on a (tiny) Fashion-MNIST target, loaded against the digits target: one error naming
+    both fingerprints, not a shape error deep inside the heads."""
+    from specflow.data import FashionMNISTDataModule
+    from test_fashion_data import write_set
+
+    write_set(tmp_path / "fm")
+    data = lambda: FashionMNISTDataModule(root=str(tmp_path / "fm"), image_size=14, batch_size=8)  # noqa: E731
+    fnet = dict(NET, image_size=14)
+    pl.seed_everything(0)
+    tr = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0)
+    tr.fit(TargetFlow(arch="unet", net=fnet, lr=1e-3, ema_decay=0.5), data())
+    tr.save_checkpoint(tmp_path / "fashion.ckpt")
+    tr = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0)
+    tr.fit(MedusaFlow(target_ckpt=str(tmp_path / "fashion.ckpt"), hidden=8, depth=1, offsets=2, steps=[8]), data())
+    tr.save_checkpoint(tmp_path / "fashion_medusa.ckpt")
+    digits, fashion = load_target(ckpts["target"]), load_target(tmp_path / "fashion.ckpt")
+    with pytest.raises(ValueError) as e:
+        load_draft(tmp_path / "fashion_medusa.ckpt", digits)
+    msg = str(e.value)
+    assert fashion.specflow.fingerprint in msg and digits.specflow.fingerprint in msg
+    load_draft(tmp_path / "fashion_medusa.ckpt", fashion)  # its own target takes it
