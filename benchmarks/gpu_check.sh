@@ -15,6 +15,9 @@
 #                                          # start the machine): the figure alone, in one call of
 #                                          # ~5 min — sde vs speculative frozen window 8 at batch 64, graphs
 #                                          # and compile=True rows, then the CUDA graph-replay tests
+#   bash benchmarks/gpu_check.sh fashion   # the trained Fashion-MNIST 28×28 target (carry
+#                                          # runs/fashion/checkpoints/last.ckpt, 20 MB): speculative vs sde
+#                                          # at batch 1, 8 and 64, time outside the model (~4 min)
 set -uo pipefail
 export PYTHONPATH=$PWD
 out=${OUT:-benchmarks/logs}
@@ -28,6 +31,12 @@ if [ "${1:-main}" = quick ]; then
     timeout 150 $bench --batch 64 --windows 8 --drafters frozen --compile --only speculative --repeats 1 2>&1 \
         | tee "$out/gpu_overhead_b64_quick_compile.txt"
     timeout 40 python -m pytest -q -p no:cacheprovider tests/test_graphs.py -k "cuda and not compiled" 2>&1 | tail -3
+elif [ "${1:-main}" = fashion ]; then
+    ckpt=runs/fashion/checkpoints/last.ckpt
+    [ -f "$ckpt" ] || { echo "no $ckpt: train it (configs/fashion.yaml) and carry it"; exit 1; }
+    timeout 300 python benchmarks/speculative.py --overhead --model "ckpt:$ckpt" --device cuda --batch 1 8 64 \
+        --windows 4 8 --drafters frozen extrapolate --only sde speculative --repeats 2 2>&1 \
+        | tee "$out/gpu_overhead_fashion.txt"
 elif [ "${1:-main}" = compile ]; then
     timeout 120 python -m pytest -q -p no:cacheprovider tests/test_graphs.py -k compiled_cuda 2>&1 | tail -3
     timeout 150 $bench --batch 64 --compile --only speculative 2>&1 | tee "$out/gpu_overhead_b64_compile.txt"

@@ -51,7 +51,12 @@ def make_model(name: str, dim: int, device: str):
         # of rounds and the window fill) is that of a smooth, well-trained model rather than of random weights.
         gm, _ = make_model("toy", 256, device)
         return _Sum(net, gm), (1, 16, 16)
-    raise ValueError(f"unknown model {name!r}; valid: toy, unet, unet+toy")
+    if name.startswith("ckpt:"):  # a trained specflow target (e.g. ckpt:runs/fashion/checkpoints/last.ckpt), unguided
+        from specflow.checkpoint import load_target
+        from specflow.generate import sample_shape
+        net = load_target(name[5:], device)
+        return net, tuple(sample_shape(net))
+    raise ValueError(f"unknown model {name!r}; valid: toy, unet, unet+toy, ckpt:<target checkpoint>")
 
 
 class _Sum(torch.nn.Module):
@@ -293,7 +298,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--overhead", action="store_true", help="time outside the model instead of the toy table")
     ap.add_argument("--dispatch", action="store_true", help="ops and host syncs per round instead of the toy table")
-    ap.add_argument("--model", default="unet+toy", help="model for --overhead: unet | unet+toy (see make_model)")
+    ap.add_argument("--model", default="unet+toy", help="model for --overhead: unet | unet+toy | ckpt:PATH (see make_model)")
     ap.add_argument("--batch", type=int, nargs="+", default=[64])
     ap.add_argument("--row-bucket", type=int, default=0, help="--overhead: also run speculative with this row_bucket")
     ap.add_argument("--compile-model", action="store_true",
