@@ -6,8 +6,6 @@ caught: at the sizes of the law tests that mistake is too small to see in the ou
 sampler by test_speculative's two-sample helper against ``sde``, where a tree that redraws a rejection
 from the draft instead of the residual must be caught.
 """
-import math
-
 import pytest
 import torch
 from scipy import stats as sps

@@ -48,6 +48,7 @@ def choose_branch(ell: Tensor, dist: Tensor, log_u: Tensor) -> tuple[Tensor, Ten
     ell, dist = ell.double(), dist.double()
     chosen = torch.full(ell.shape[1:], K, dtype=torch.long, device=ell.device)
     log_a = torch.zeros_like(dist)
+    log_r = residual_log_mass(log_a, dist)  # r(1) = TV(P, Q): what p₂ = (P − Q)+ / r normalises by
     for i in range(K):
         if i == 0:
             log_acc = ell[0].clamp(max=0.0)
@@ -59,7 +60,7 @@ def choose_branch(ell: Tensor, dist: Tensor, log_u: Tensor) -> tuple[Tensor, Ten
         chosen = torch.where(take, i, chosen)
         if i > 0:  # rejected again: p_{i+1} ∝ (a·P − (1 + r)·Q)+
             log_a = log_a - torch.log1p(log_r.exp())
-        log_r = residual_log_mass(log_a, dist)
+            log_r = residual_log_mass(log_a, dist)
     return chosen, log_a
 
 
@@ -148,7 +149,8 @@ def run_tree(s, f, x: Tensor, grid: Tensor, generator, stats) -> Tensor:
         m = a_p[:, None] * Y[:-1] + b_p[:, None] * V[:-1]  # (Lmax, K, B, ...) the target's means
         d = Y[1:] - m
         sq = lambda a: _sqnorm(a.flatten(0, 1)).view(Lmax, K, B)
-        ell = (0.5 * sq(eps) - sq(d) * Pj[:, None, :, 3]).nan_to_num(nan=0.0)  # log P/Q at every draft (c = 0: as greedy)
+        # log P/Q at every draft; at c = 0 as the greedy rule has it (exact match: 0, else −inf)
+        ell = (0.5 * sq(eps) - sq(d) * Pj[:, None, :, 3]).nan_to_num(nan=0.0)
         # The branch point: recursive rejection sampling over the K candidates.
         bpc = bp.clamp(max=Lmax - 1)
         m_hat = Y[bpc + 1, 0, ar] - per_sample(Pj[bpc, ar, 2], x) * eps[bpc, 0, ar]
