@@ -2,8 +2,10 @@
 # Everything behind benchmarks/RESULTS.md §Fashion-MNIST, from a clone with the IDX files installed
 # (apt-get install dataset-fashion-mnist), on a 2-core CPU. Finished trainings are skipped, so it resumes.
 #   bash benchmarks/fashion.sh train      # targets (fashion 28, fashion14, digits) and their drafts, ~1.5 h
-#   bash benchmarks/fashion.sh ladder     # the dimension ladder and the draft-loss comparison
+#   bash benchmarks/fashion.sh ladder     # the dimension ladder and the draft-loss comparison (~2 h: a 28 px
+#                                         # row costs 1.5–8 min on 2 cores)
 #   bash benchmarks/fashion.sh quality    # FID-proxy (2000 samples per row) and the deterministic PSNR tables
+#                                         # (~3 h on 2 cores: ~11 ms per 28 px row; a GPU is the place for it)
 # Trainings after the first run two at a time on one thread each: two 2-thread jobs on 2 cores stall each
 # other's OpenMP barriers (measured: the 28 px target fell from 2.4 to 0.25 steps/s).
 set -euo pipefail
