@@ -17,7 +17,7 @@ from specflow.sampling import build_sampler
 from specflow.sampling.block import kept_steps, residual_draw, residual_log_mass
 from specflow.sampling.noise import per_sample_generators
 from specflow.sampling.speculative import Speculative
-from test_speculative import STEPS, _baseline, _run, same_law, two_sample
+from test_speculative import STEPS, _baseline, _run, assert_same_law_as_sde, same_law, two_sample
 
 
 @pytest.mark.parametrize("dim,options", [
@@ -28,12 +28,7 @@ from test_speculative import STEPS, _baseline, _run, same_law, two_sample
     (8, dict(drafter="frozen", window="bandit")),
 ])
 def test_block_verifier_matches_sde_in_law(dim, options):
-    gm, ref = _baseline(dim)
-    res = _run(build_sampler("speculative", steps=STEPS, verifier="block", **options), gm, seed=2)
-    p = two_sample(res.samples, ref)
-    assert same_law(p), p
-    st = res.stats
-    assert 0.3 < st.acceptance_rate < 0.999 and st.proposed - st.accepted > 100, st  # residuals exercised
+    assert_same_law_as_sde(dim, verifier="block", **options)  # residuals exercised too
 
 
 class _KeepDraft(Speculative):

@@ -71,6 +71,18 @@ def _baseline(dim):
     return _BASE[dim]
 
 
+def assert_same_law_as_sde(dim, **options):
+    """``speculative`` with these options against ``sde`` on the same grid; returns the run's stats."""
+    gm, ref = _baseline(dim)
+    res = _run(build_sampler("speculative", steps=STEPS, **options), gm, seed=2)
+    p = two_sample(res.samples, ref)
+    assert same_law(p), p
+    st = res.stats
+    # the drafts are good but not perfect: both acceptance and rejection (hence the coupling) are exercised
+    assert 0.3 < st.acceptance_rate < 0.999 and st.proposed - st.accepted > 100, st
+    return st
+
+
 @pytest.mark.parametrize("dim,options", [
     (2, dict(drafter="frozen", window=2)),
     (2, dict(drafter="frozen", window=8)),
@@ -81,13 +93,7 @@ def _baseline(dim):
     (8, dict(drafter="frozen", window=4, draft_eta=0.8)),
 ])
 def test_speculative_matches_sde_in_law(dim, options):
-    gm, ref = _baseline(dim)
-    res = _run(build_sampler("speculative", steps=STEPS, **options), gm, seed=2)
-    p = two_sample(res.samples, ref)
-    assert same_law(p), p
-    st = res.stats
-    # the drafts are good but not perfect: both acceptance and rejection (hence the coupling) are exercised
-    assert 0.3 < st.acceptance_rate < 0.999 and st.proposed - st.accepted > 100, st
+    st = assert_same_law_as_sde(dim, **options)
     assert st.sequential_nfe <= st.rounds < STEPS
 
 

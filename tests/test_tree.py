@@ -14,7 +14,7 @@ import specflow.sampling.tree as tree
 from specflow.sampling import build_sampler
 from specflow.sampling.block import residual_draw
 from specflow.sampling.noise import per_sample_generators
-from test_speculative import STEPS, _baseline, _run, same_law, two_sample
+from test_speculative import STEPS, _baseline, _run, assert_same_law_as_sde, same_law, two_sample
 
 
 def _plain_ratio_choice(ell, dist, log_u):
@@ -56,12 +56,7 @@ def test_branch_choice_is_an_exact_draw_from_the_target_step(K, d):
     (8, dict(drafter="frozen", window="bandit")),
 ])
 def test_tree_verifier_matches_sde_in_law(dim, options):
-    gm, ref = _baseline(dim)
-    res = _run(build_sampler("speculative", steps=STEPS, verifier="tree", **options), gm, seed=2)
-    p = two_sample(res.samples, ref)
-    assert same_law(p), p
-    st = res.stats
-    assert 0.3 < st.acceptance_rate < 0.999 and st.proposed - st.accepted > 100, st  # residuals exercised
+    assert_same_law_as_sde(dim, verifier="tree", **options)  # residuals exercised too
 
 
 def test_two_sample_helper_catches_a_tree_without_residual(monkeypatch):

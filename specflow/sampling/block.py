@@ -116,16 +116,18 @@ def residual_draw(m_hat: Tensor, m: Tensor, c: Tensor, log_a: Tensor, eps: Tenso
     return torch.where(per_sample(c > 0, m), x, m)
 
 
-def round_noise(keys: Tensor, k: Tensor, Lmax: int, N: int, like: Tensor) -> tuple[Tensor, Tensor]:
-    """Fresh (ε (Lmax, B, ...), log η (Lmax, B)) for a round starting at grid steps k: keyed by (sample,
-    round start, step), never reused by a later round."""
+def round_noise(keys: Tensor, k: Tensor, Lmax: int, N: int, like: Tensor,
+                branches: int = 1) -> tuple[Tensor, Tensor]:
+    """Fresh (ε (Lmax, K, B, ...), log η (Lmax, K, B)) for a round starting at grid steps k, K = ``branches``
+    (tree.py drafts K windows): keyed by (sample, round start, step, branch), never reused by a later round."""
     B, shape = like.shape[0], tuple(like.shape[1:])
-    j = torch.arange(Lmax, device=like.device)[:, None]
-    code = (k[None] * (N + 1) + j).flatten()  # (round start, step) → one counter (j < N)
-    rows = keys.repeat(Lmax)
+    j = torch.arange(Lmax, device=like.device)[:, None, None]
+    i = torch.arange(branches, device=like.device)[None, :, None]
+    code = ((k * (N + 1) + j) * branches + i).flatten()  # (round start, step < N, branch) → one counter
+    rows = keys.repeat(Lmax * branches)
     eps = keyed.normal(rows, code, torch.zeros(1, dtype=torch.long, device=like.device), shape, like.dtype)
     eta = keyed.uniform(rows, code, torch.ones(1, dtype=torch.long, device=like.device), 1, torch.float64)
-    return eps.view(Lmax, B, *shape), eta.view(Lmax, B).log()
+    return eps.view(Lmax, branches, B, *shape), eta.view(Lmax, branches, B).log()
 
 
 def residual_noise(keys: Tensor, k: Tensor, N: int, like: Tensor) -> tuple[Tensor, Tensor]:

@@ -188,7 +188,6 @@ class Speculative(Sampler):
         if v == "tree" and self.row_bucket:
             raise ValueError("verifier='tree' does not pad its calls: use row_bucket=0 (or verifier='greedy')")
 
-
     # ---------------------------------------------------------------------------------------------------
     # The round is written for GPU latency: every sample stays in the batch (finished ones with an empty
     # window), tables are gathered once per round, and the host syncs ONCE per round: ``f.fetch`` copies each
@@ -302,7 +301,7 @@ class Speculative(Sampler):
         Q = P if tab["Q"] is tab["P"] else torch.cat([torch.where(ex[:, None], P[:1], tab["Q"][Jc[:1]]),
                                                      tab["Q"][Jc[1:]]])  # the target's own step uses p
         if self.verifier == "block":
-            eps, log_u = round_noise(tab["keys"], k, Lmax, N, x)
+            eps, log_u = (a[:, 0] for a in round_noise(tab["keys"], k, Lmax, N, x))
             eps_sq = 0.5 * _sqnorm(eps)
         else:
             eps, eps_sq, log_u = tab["eps"][Jc, ar], tab["eps_sq"][Jc, ar], tab["log_u"][Jc, ar]

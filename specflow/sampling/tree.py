@@ -34,7 +34,7 @@ from torch import Tensor
 
 from specflow.path import per_sample
 from specflow.sampling import keyed
-from specflow.sampling.block import residual_draw, residual_log_mass, residual_noise
+from specflow.sampling.block import residual_draw, residual_log_mass, residual_noise, round_noise
 
 
 def choose_branch(ell: Tensor, dist: Tensor, log_u: Tensor) -> tuple[Tensor, Tensor]:
@@ -68,19 +68,6 @@ def redraw(y: Tensor, m_hat: Tensor, m: Tensor, c: Tensor, log_a: Tensor, eps: T
     """The state after a rejected draft ``y``: a draw from the residual (a·P − Q)+ (``y`` itself is unused: the
     rejection already spent it; tests swap in a lossy rule that keeps it)."""
     return residual_draw(m_hat, m, c, log_a, eps, w)
-
-
-def tree_noise(keys: Tensor, k: Tensor, Lmax: int, K: int, N: int, like: Tensor) -> tuple[Tensor, Tensor]:
-    """Fresh (ε (Lmax, K, B, ...), log u (Lmax, K, B)) for a round starting at grid steps k."""
-    B, shape = like.shape[0], tuple(like.shape[1:])
-    j = torch.arange(Lmax, device=like.device)[:, None, None]
-    i = torch.arange(K, device=like.device)[None, :, None]
-    code = ((k * (N + 1) + j) * K + i).flatten()  # (round start, step, branch) → one counter
-    rows = keys.repeat(Lmax * K)
-    zero = torch.zeros(1, dtype=torch.long, device=like.device)
-    eps = keyed.normal(rows, code, zero + 4, shape, like.dtype)
-    u = keyed.uniform(rows, code, zero + 5, 1, torch.float64)
-    return eps.view(Lmax, K, B, *shape), u.view(Lmax, K, B).log()
 
 
 def run_tree(s, f, x: Tensor, grid: Tensor, generator, stats) -> Tensor:
@@ -121,7 +108,7 @@ def run_tree(s, f, x: Tensor, grid: Tensor, generator, stats) -> Tensor:
         a_p, b_p, c_p = (per_sample(Pj[..., q], x) for q in range(3))
         S = t[Jc]
         T = t[J.clamp(max=N)]
-        eps, log_u = tree_noise(keys, k, Lmax, K, N, x)
+        eps, log_u = round_noise(keys, k, Lmax, N, x, branches=K)
         eps[0] = torch.where(per_sample(ex, x)[None], eps[0, :1], eps[0])  # the target's own step: shared
         beta = b_p / per_sample(1 - S, x)
         Y = x.new_empty((Lmax + 1, K, *x.shape))
