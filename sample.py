@@ -4,6 +4,7 @@
     python sample.py runs/digits/checkpoints/last.ckpt --draft runs/digits_medusa/checkpoints/last.ckpt \
         --sampler speculative --opt window=8 --labels cycle --out outputs/medusa
     python sample.py runs/digits/checkpoints/last.ckpt --sampler sfm --opt leap=bandit --opt tol=0.05
+    python sample.py --diffusers path/to/saved_pipeline --sampler speculative --steps 50   # a diffusers model
     torchrun --nproc-per-node 8 sample.py target.ckpt --sampler speculative -n 50000 --batch-size 250 \
         --labels random --device cuda --out outputs/fid50k      # 8 GPUs share one run
 
@@ -90,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample from a specflow target checkpoint (its EMA net) with any sampler; optionally a draft "
                     "for speculative samplers. Writes OUT/samples.png (grid) and OUT/samples.npz, prints the stats.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("target", help="target checkpoint (.ckpt written by train.py)")
+    p.add_argument("target", nargs="?", default=None, help="target checkpoint (.ckpt written by train.py)")
+    p.add_argument("--diffusers", default=None, metavar="DIR",
+                   help="instead of a target checkpoint: a diffusers pipeline saved with save_pretrained in DIR (its "
+                        "unet/ or transformer/ and scheduler/), sampled on the scheduler's own grid "
+                        "(specflow.adapters; needs the peers extra)")
     p.add_argument("--draft", default=None,
                    help="draft checkpoint (train_draft.py): a Medusa head set or a small draft net trained for this "
                         "target; sets the sampler's drafter to match unless --opt drafter=... says otherwise")
@@ -243,7 +248,23 @@ def run(args) -> int:
     labels = parse_labels(args.labels)
     out = Path(args.out)
     check_writable(out)
-    target = load_target(args.target, device)
+    if (args.target is None) == (args.diffusers is None):
+        raise ValueError("give either a target checkpoint or --diffusers DIR (exactly one)")
+    if args.diffusers is not None:
+        from specflow.adapters import load_diffusers
+        from specflow.checkpoint import fingerprint
+
+        for flag, bad in (("--draft", args.draft), ("--guidance", args.guidance)):
+            if bad is not None:
+                raise ValueError(f"{flag} works with specflow targets only: drop it with --diffusers (use a "
+                                 f"training-free drafter: --opt drafter=frozen or extrapolate)")
+        target = load_diffusers(args.diffusers)
+        target.specflow = argparse.Namespace(fingerprint=fingerprint(
+            "diffusers", dict(target.scheduler.config), target.state_dict()))  # weights and schedule
+        options_grid = {"grid": target.grid(args.steps)}
+    else:
+        target = load_target(args.target, device)
+        options_grid = {}
     if args.export and ((shape := sample_shape(target))[0] not in (1, 3) or len(shape) != 3):
         raise ValueError(f"--export writes images, but this target makes samples shaped {shape}; drop --export")
     draft = load_draft(args.draft, target) if args.draft else None
@@ -254,7 +275,7 @@ def run(args) -> int:
         elif options["drafter"] != kind:
             raise ValueError(f"--draft is a {kind!r} draft but --opt drafter={options['drafter']}; drop the option "
                              f"or use drafter={kind}")
-    sampler = build_sampler(args.sampler, steps=args.steps, **options)
+    sampler = build_sampler(args.sampler, steps=args.steps, **options, **options_grid)
     if draft is not None and not sampler.needs_draft:
         print(f"note: sampler {args.sampler!r} does not use a draft; --draft is ignored", file=sys.stderr)
         draft = None
@@ -313,7 +334,7 @@ def run(args) -> int:
 
     samples, labels_out, tally = parts.merge()
     st = tally.stats().as_dict()
-    meta = {"target": str(args.target), "draft": args.draft, "sampler": args.sampler, "options": options,
+    meta = {"target": str(args.target or args.diffusers), "draft": args.draft, "sampler": args.sampler, "options": options,
             "steps": args.steps, "n": args.num_samples, "batch_size": args.batch_size, "seed": args.seed,
             "labels": args.labels, "guidance": args.guidance, "device": str(device), "precision": args.precision,
             "world_size": world, "key": parts.key, "stats": st}

@@ -62,13 +62,14 @@ def resolve_labels(labels, n: int, num_classes: int | None, seed: int) -> Tensor
 
 def sample_chunks(model, sampler: Sampler, indices, shape: tuple[int, ...], seed: int, labels: Tensor | None = None,
                   batch_size: int = 256, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                  draft=None):
+                  draft=None, start=None):
     """Yield one ``SampleResult`` per chunk of ``batch_size`` sample indices.
 
     Row i starts from noise drawn from ``per_sample_generators(seed, [indices[i]])`` (on the CPU, so the noise is
     the same on every device) and the sampler keeps drawing from that stream (on another device, from a generator
-    there seeded by it: the sampler noise, hence the samples, differ between CPU and GPU); ``labels`` (aligned with
-    ``indices``, or None) are the class labels. So a sample is the same alone, in any batch, or on any rank —
+    there seeded by it: the sampler noise, hence the samples, differ between CPU and GPU), placed on the path by
+    ``start`` if given (an adapted model's ``.start``); ``labels`` (aligned with ``indices``, or None) are the
+    class labels. So a sample is the same alone, in any batch, or on any rank —
     for every sampler whose per-sample work does not depend on its batch neighbours (euler, heun, sde,
     speculative with a fixed window, sfm with a fixed leap); samplers with a bandit learn from the whole batch.
     """
@@ -78,6 +79,7 @@ def sample_chunks(model, sampler: Sampler, indices, shape: tuple[int, ...], seed
         chunk = indices[lo:lo + batch_size]
         gens = per_sample_generators(seed, chunk)
         noise = randn((len(chunk), *shape), gens, like)
+        noise = noise if start is None else start(noise)
         cond = labels[lo:lo + batch_size].to(device) if labels is not None else None
         yield sampler.sample(model, noise, cond=cond, draft=draft, generator=gens)
 
@@ -144,6 +146,10 @@ def generate_batches(target, sampler: Sampler, n: int, batch_size: int, seed: in
         raise ValueError(f"sampler {sampler.name!r} with drafter {getattr(sampler, 'drafter', None)!r} needs a draft: "
                          f"pass draft= (specflow.load_draft / sample.py --draft)")
     shape = sample_shape(target)
+    start, to_data = getattr(target, "start", None), getattr(target, "to_data", lambda x: x)  # adapted models
+    if start is not None and sampler.grid is None:
+        raise ValueError(f"{type(target).__name__} is a model adapted from {target.library}: build the sampler on "
+                         f"its own schedule, build_sampler(..., grid=model.grid(steps))")
     lab = resolve_labels(labels, n, getattr(target, "num_classes", None), seed)
     model = autocast(target, precision)
     draft = None if draft is None else autocast(draft, precision)
@@ -159,7 +165,8 @@ def generate_batches(target, sampler: Sampler, n: int, batch_size: int, seed: in
         for b in batches:
             idx = range(b * batch_size, min(n, (b + 1) * batch_size))
             part_labels = None if lab is None else lab[idx.start:idx.stop]
-            res = next(sample_chunks(model, sampler, idx, shape, seed, part_labels, batch_size, dev, draft=draft))
+            res = next(sample_chunks(model, sampler, idx, shape, seed, part_labels, batch_size, dev, draft=draft,
+                                     start=start))
             # collected on the CPU: n may exceed what the device holds
-            yield b, Generated(res.samples.float().cpu(), part_labels, res.stats)
+            yield b, Generated(to_data(res.samples).float().cpu(), part_labels, res.stats)
     return run()

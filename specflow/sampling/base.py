@@ -27,7 +27,9 @@ def register(cls):
 
 @dataclasses.dataclass
 class Sampler:
-    """Base options: ``steps`` (N grid intervals) and the time ``schedule`` ("uniform" | "quadratic")."""
+    """Base options: ``steps`` (N grid intervals) and the time ``schedule`` ("uniform" | "quadratic"), or an
+    explicit ``grid`` (N + 1 increasing times from t_0 >= 0 to 1, e.g. ``specflow.adapters``' ``.grid(N)``:
+    another library's own schedule), which replaces the schedule."""
 
     name: ClassVar[str] = "base"
     needs_draft: ClassVar[bool] = False
@@ -39,9 +41,12 @@ class Sampler:
     defers_checks: ClassVar[bool] = False
     steps: int = 100
     schedule: str = "uniform"
+    grid: Tensor | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         time_grid(self.steps, schedule=self.schedule)  # validates steps and schedule early
+        if self.grid is not None:
+            self.grid = check_grid(self.grid, self.steps)
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -75,7 +80,7 @@ class Sampler:
             target.defer_checks()
             if drafter is not None:
                 drafter.defer_checks(target.pending)  # one list: checked together, in call order
-        grid = _host_grid(self.steps, self.schedule)
+        grid = _host_grid(self.steps, self.schedule) if self.grid is None else self.grid
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
@@ -115,6 +120,21 @@ class Sampler:
 def _host_grid(steps: int, schedule: str) -> Tensor:
     """The time grid in float64 on the host: samplers read it without a device sync."""
     return time_grid(steps, dtype=torch.float64, schedule=schedule)
+
+
+def check_grid(grid, steps: int) -> Tensor:
+    """An explicit time grid as the samplers read it (float64, host), or a ValueError naming what is wrong."""
+    if not isinstance(grid, Tensor) or grid.ndim != 1 or not grid.is_floating_point():
+        got = f"{grid.dtype} tensor shaped {tuple(grid.shape)}" if isinstance(grid, Tensor) else type(grid).__name__
+        raise ValueError(f"grid must be a 1-D floating tensor of steps + 1 times, got a {got}")
+    g = grid.detach().to("cpu", torch.float64)
+    if len(g) != steps + 1:
+        raise ValueError(f"grid has {len(g)} times but steps={steps} needs steps + 1 = {steps + 1}; build the "
+                         f"sampler with steps=len(grid) - 1")
+    if not bool(torch.isfinite(g).all()) or g[0] < 0 or g[-1] != 1 or not bool((g[1:] > g[:-1]).all()):
+        raise ValueError(f"grid must increase strictly from t_0 >= 0 to exactly 1 (t = 1 is data), got "
+                         f"{g[0].item():.6g} … {g[-1].item():.6g}{'' if bool((g[1:] > g[:-1]).all()) else ', not increasing'}")
+    return g
 
 
 def build_sampler(name: str, steps: int = 100, **options) -> Sampler:
