@@ -125,3 +125,43 @@ def test_limit_excludes_arms_that_do_not_fit():
         assert arm.tolist()[0] <= 2 and arm.tolist()[1] <= 4 and arm.tolist()[2] == 1
         b.update(ctx[:2], arm[:2], torch.ones(2))
     assert int(b.counts[0, 3]) == 0
+
+
+# ------------------------------------------------------------------------- the speculative window's objective
+def test_compute_price_is_checked():
+    from specflow.sampling import build_sampler
+
+    for bad in (-0.1, float("nan"), float("inf"), "0.2", True, None):
+        with pytest.raises(ValueError, match="compute_price must be a finite number >= 0"):
+            build_sampler("speculative", window="bandit", compute_price=bad)
+    learnt = build_sampler("speculative", window="bandit", compute_price=0.2).state_dict()
+    with pytest.raises(ValueError, match="objective"):
+        build_sampler("speculative", window="bandit", compute_price=0.0).load_state_dict(learnt)
+    build_sampler("speculative", window="bandit", compute_price=0.2).load_state_dict(learnt)  # same objective
+
+
+def test_window_reward_prices_rows():
+    from specflow.sampling.bandit import window_reward
+
+    r = window_reward(torch.tensor([4, 2, 0]), torch.tensor([5, 3, 9]), 0.5)
+    assert torch.allclose(r, torch.tensor([4 / 3.5, 2 / 2.5, 0.0], dtype=torch.float64))
+    assert torch.equal(window_reward(torch.tensor([3]), torch.tensor([7]), 0.0), torch.tensor([3.0], dtype=torch.float64))
+
+
+def test_compute_price_trades_latency_for_compute():
+    """Pricing rows moves the learnt windows down: fewer rows per sample, more sequential calls — and λ = 0
+    keeps the old objective (steps per call). A bandit that ignored the price would give equal rows."""
+    from specflow.data.toy import GaussianMixture
+    from specflow.sampling import build_sampler
+
+    gm = GaussianMixture.default(dim=16)
+    out = {}
+    for lam in (0.0, 1.0):
+        s = build_sampler("speculative", steps=40, window="bandit", compute_price=lam)
+        for b in range(4):
+            g = torch.Generator().manual_seed(b)
+            st = s.sample(gm, torch.randn(256, 16, generator=g), generator=g).stats
+        mean_arm = sum(a * n for a, n in st.arm_counts.items()) / sum(st.arm_counts.values())
+        out[lam] = (st.total_nfe, mean_arm)
+    assert out[1.0][0] < 0.85 * out[0.0][0], out
+    assert out[1.0][1] < out[0.0][1], out

@@ -18,6 +18,14 @@ Policies (rewards are "larger is better"; their scale is learnt, not assumed):
   1e-6·R² so a lucky constant arm keeps some doubt), and picks argmax θ_a. Draws come from the bandit's
   own seeded ``torch.Generator``, whose state is part of ``state_dict()``: same seed → same choices.
 
+Objectives, one per sampler, each paying for what the user pays for (the bandit maximises the mean reward):
+- ``speculative`` (``window_reward``): a round costs 1 sequential target call + λ·(the sample's target rows),
+  λ = ``compute_price`` ≥ 0; reward = steps advanced / cost. λ = 0 is latency alone, λ = 1 prices a row
+  like a call (compute alone, when calls are not batched); benchmarks/bandits.py measures what λ a device's
+  batched call implies.
+- ``sfm``: steps advanced per target call of the leap, the wasted leap and the fallback counted (sfm.py).
+- ``fastflow``: μ·(steps skipped) − error at the next real call, μ calibrated from the run (skip.py).
+
 The statistics live on the CPU in float64 (they are tiny); ``select`` returns arms on the context's device.
 """
 from __future__ import annotations
@@ -53,6 +61,19 @@ def check_arms(arms) -> tuple[int, ...]:
         raise ValueError(f"arms must be strictly increasing without duplicates, got {arms}; "
                          f"e.g. {tuple(sorted(set(arms)))}")
     return arms
+
+
+def check_price(price) -> float:
+    """``compute_price`` λ: a finite number ≥ 0, else a ValueError saying so."""
+    if isinstance(price, bool) or not isinstance(price, (int, float)) or not math.isfinite(price) or price < 0:
+        raise ValueError(f"compute_price must be a finite number >= 0 (0: latency only; 1: a target row costs as "
+                         f"much as a sequential call), got {price!r}")
+    return float(price)
+
+
+def window_reward(advanced: Tensor, rows: Tensor, price: float) -> Tensor:
+    """The speculative window's reward: steps advanced per unit of cost, cost = 1 call + price·rows."""
+    return advanced.double() / (1 + price * rows.double())
 
 
 class Bandit:

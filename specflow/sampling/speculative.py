@@ -17,7 +17,8 @@ that of ``sde`` on the same grid. Noise is indexed by (grid step, sample): ε_{k
 NoiseTable, so with draft = target every step is accepted and the output equals ``sde`` sample for sample.
 The drafter only ever observes target evaluations at states of the chain (never at discarded drafts), so a
 proposal never depends on the noise of the step it proposes. The window L is fixed, or chosen per sample by
-a bandit (context: time bucket of t_k; reward: steps advanced per sequential target call, i.e. per round).
+a bandit (context: time bucket of t_k; cost of a round: 1 sequential call + λ·the sample's target rows, with
+λ = ``compute_price``; reward: steps advanced per unit of that cost, bandit.window_reward).
 ``verifier="block"`` judges the window as a block instead (block.py): same law, at least as many steps kept.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from specflow.path import per_sample, transition_coefficients
 from specflow.sampling import keyed
-from specflow.sampling.bandit import POLICIES, Bandit, check_arms, time_bucket
+from specflow.sampling.bandit import POLICIES, Bandit, check_arms, check_price, time_bucket, window_reward
 from specflow.sampling.block import kept_steps, residual_draw, residual_noise, round_noise
 from specflow.sampling.base import Sampler, register
 from specflow.sampling.coupling import IsoGaussian, log_acceptance, reflect, residual_sample
@@ -74,6 +75,9 @@ class Speculative(Sampler):
     drafter: a name from ``specflow.sampling.drafters`` ("frozen", "extrapolate", "model", …).
     window: steps drafted per round, an int ≥ 1 or "bandit" (then chosen among ``arms`` per time bucket of
         ``buckets``, by ``policy`` = "ucb1" | "thompson", seeded by ``seed``; the bandit learns across calls).
+    compute_price: λ ≥ 0, what one target row of a sample costs in units of one sequential call, for the
+        window bandit's objective (bandit.window_reward): 0 prices latency only (the largest window tends to
+        win), larger λ prices the rows too (compute per sample; λ = 1: a row costs as much as a call).
     draft_eta: None = the draft proposes with η (reflection coupling); else the draft's own η, whose
         transition has another covariance, coupled by the general maximal coupling.
     cuda_graphs: on CUDA, replay the round's fixed-shape pieces as CUDA graphs (graphs.py) where the drafter
@@ -105,6 +109,7 @@ class Speculative(Sampler):
     drafter: str = "extrapolate"
     window: int | str = 8
     arms: tuple = (2, 4, 8, 16)
+    compute_price: float = 0.0
     policy: str = "ucb1"
     buckets: int = 4
     draft_eta: float | None = None
@@ -128,6 +133,7 @@ class Speculative(Sampler):
                                         or self.window < 1):
             raise ValueError(f"window must be an integer >= 1 or 'bandit', got {self.window!r}")
         self.arms = check_arms(self.arms)
+        self.compute_price = check_price(self.compute_price)
         if not isinstance(self.row_bucket, int) or isinstance(self.row_bucket, bool) or self.row_bucket < 0:
             raise ValueError(f"row_bucket must be an integer >= 0 (0: no padding), got {self.row_bucket!r}")
         self._check_verifier()
@@ -153,11 +159,21 @@ class Speculative(Sampler):
         return getattr(DRAFTERS[self.drafter], "needs_features", False)
 
     def state_dict(self) -> dict:
-        return {"bandit": self._bandit.state_dict()} if self._bandit is not None else {}
+        if self._bandit is None:
+            return {}
+        return {"bandit": self._bandit.state_dict(), "objective": self._objective()}
+
+    def _objective(self) -> dict:
+        return {"reward": "window_reward", "compute_price": self.compute_price}
 
     def load_state_dict(self, state: dict) -> None:
-        if self._bandit is None or set(state) - {"bandit"}:
+        if self._bandit is None or set(state) - {"bandit", "objective"}:
             return super().load_state_dict(state)
+        theirs = state.get("objective", {"reward": "window_reward", "compute_price": 0.0})  # older states: λ = 0
+        if theirs != self._objective():
+            raise ValueError(f"bandit state was learnt for the objective {theirs} but this sampler's is "
+                             f"{self._objective()}: its rewards are in other units; build the sampler with "
+                             f"compute_price={theirs.get('compute_price')}, or start without the saved state")
         if "bandit" in state:
             self._bandit.load_state_dict(state["bandit"])
 
@@ -223,7 +239,7 @@ class Speculative(Sampler):
         while True:
             k, known, counts = f.fetch(c.k, c.known, c.counts)  # the round's one host sync
             if self._bandit is not None:
-                W, played = self._play_bandit(k, grid, arms, played)
+                W, played = self._play_bandit(k, known, grid, arms, played)
                 c.W.copy_(W, non_blocking=True)  # pageable → device: staged at once, no wait on the device
             p = _Plan(N, k, known, W if self._bandit is not None else self.window, jj_cpu, self.row_bucket)
             if p.Lmax == 0:  # every sample is at t = 1
@@ -239,20 +255,22 @@ class Speculative(Sampler):
         return c.x
 
     @host_side
-    def _play_bandit(self, k: Tensor, grid: Tensor, arms: Tensor, played):
-        """On the host: credit last round's choices (``played``) with the steps each sample advanced per
-        target call, then choose every sample's window for this round; returns (W, played)."""
+    def _play_bandit(self, k: Tensor, known: Tensor, grid: Tensor, arms: Tensor, played):
+        """On the host: credit last round's choices (``played``) with window_reward (steps advanced per unit
+        of the round's cost), then choose every sample's window for this round; returns (W, played)."""
         N = self.steps
         if played is not None:
-            ctx, W, k0 = played
+            ctx, W, k0, rows = played
             fits = W <= N - k0  # an arm clamped at the end of the grid (or a finished sample): no credit
-            self._bandit.update(ctx[fits], W[fits], (k - k0)[fits].double())
+            self._bandit.update(ctx[fits], W[fits], window_reward((k - k0)[fits], rows[fits], self.compute_price))
         if not bool((k < N).any()):  # all done: no choice to make (a Thompson choice would draw)
             return torch.zeros_like(k), None
         ctx = time_bucket(grid[k], self.buckets)
         W = self._bandit.select(ctx, limit=N - k)
         arms += torch.bincount(self._bandit.index(W[k < N]), minlength=len(arms))
-        return W, (ctx, W, k)
+        L = torch.minimum(W, N - k)
+        rows = torch.where(k + L < N, L, L - 1) + 1 - known.long()  # this round's target rows per sample (_Plan)
+        return W, (ctx, W, k, rows)
 
     def _propose(self, c: "_Chain", p: "_Plan", jj, tab, drafter, draft) -> _Round:
         """The draft of this round (fixed shapes for a given p.Lmax, no sync). Captured as a CUDA graph keyed by
