@@ -156,3 +156,30 @@ def test_state_for_another_arm_set_is_an_error(name):
     other = build_sampler(name, steps=30, arms=(0, 1, 2) if name == "fastflow" else (1, 2), **opts)
     with pytest.raises(ValueError, match="saved for"):
         other.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------- fastflow on a second-order base
+def test_fastflow_ab2_base_is_ab2_without_skips_and_beats_its_euler_base():
+    from specflow.data.toy import GaussianMixture
+
+    gm = GaussianMixture.default(dim=16)
+    x0 = torch.randn(256, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ab2 = build_sampler("ab2", steps=20).sample(gm, x0).samples
+    no_skip = build_sampler("fastflow", steps=20, base="ab2", arms=(0,), mu=0.0).sample(gm, x0).samples
+    assert (ab2 - no_skip).abs().max() < 1e-12
+    ref = build_sampler("heun", steps=400).sample(gm, x0).samples
+    err = {}
+    for base in ("euler", "ab2"):
+        s = build_sampler("fastflow", steps=40, base=base)
+        for _ in range(3):  # calibrate, then learn
+            res = s.sample(gm, x0)
+        err[base] = ((res.samples - ref).square().mean().sqrt().item(), res.stats.sequential_nfe)
+    assert err["ab2"][1] == err["euler"][1] and err["ab2"][0] < 0.85 * err["euler"][0], err
+
+
+def test_fastflow_base_is_checked():
+    with pytest.raises(ValueError, match="unknown base 'rk4'; valid: euler, ab2"):
+        build_sampler("fastflow", steps=20, base="rk4")
+    learnt = build_sampler("fastflow", steps=20, base="ab2", mu=0.1).state_dict()
+    with pytest.raises(ValueError, match="base='ab2'"):
+        build_sampler("fastflow", steps=20).load_state_dict(learnt)

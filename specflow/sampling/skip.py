@@ -15,6 +15,12 @@ The first two steps and the last step are always real (an extrapolation needs tw
 every decision must be followed by the real call that measures it), so an arm S is eligible at k only if
 k + S + 1 ≤ N − 1; arms that never fit (S ≥ N) are a ValueError.
 
+``base="ab2"`` makes every step, real or skipped, a variable-step Adams–Bashforth 2 step with the velocity of
+this step and the one of the step before (x_{i+1} = x_i + h_i·((1 + r/2)·v_i − (r/2)·v_{i−1}), r = h_i/h_{i−1};
+the first step is Euler): with no skips it is ``ab2`` exactly, and over skipped steps, whose velocity is
+linear in t, it integrates the extrapolation exactly, so an accepted trajectory carries second-order error.
+``base="euler"`` is the seed's definition above.
+
 μ (the value of one saved call, in MSE units) is calibrated on the first batch the sampler sees: that batch
 runs plain Euler (S = 0 throughout, crediting arm 0 where present), records the free one-step-ahead error
 e_k = MSE(v̂_k, v_k) at every call with two predecessors, and sets μ = mu_scale·median_k(e_k). With
@@ -29,6 +35,7 @@ import torch
 
 from specflow.sampling.bandit import POLICIES, Bandit, check_arms, time_bucket
 from specflow.sampling.base import Sampler, register
+from specflow.sampling.solvers import base_step, check_base
 from specflow.sampling.opcount import host_side
 
 
@@ -45,9 +52,11 @@ class FastFlow(Sampler):
     mu: float | None = None
     mu_scale: float = 1.0
     seed: int = 0
+    base: str = "euler"
 
     def __post_init__(self):
         super().__post_init__()
+        check_base(self.base)
         self.arms = check_arms(self.arms)
         if self.arms[-1] > max(self.steps - 3, 0):
             raise ValueError(f"skip arm {self.arms[-1]} is longer than a grid of {self.steps} steps allows "
@@ -66,6 +75,7 @@ class FastFlow(Sampler):
         N, calibrating, errors = self.steps, self.mu_ is None, []
         g, t = grid.tolist(), grid.to(x.device, x.dtype)  # host times for the coefficients, device ones for the model
         v_last = p = slope = pending = None  # p: the previous real call; pending: (context, S) the next measures
+        step = base_step(self.base, g)
         k = 0
         while k < N:
             v_k = f(x, t[k], step=k)  # a real call
@@ -78,13 +88,12 @@ class FastFlow(Sampler):
             if v_last is not None:
                 slope = (v_k - v_last) / (g[k] - g[p])  # (v_k − v_p)/(t_k − t_p)
             v_last, p = v_k.clone(), k  # a copy: the model may write its next output into v_k's buffer
-            x = x + (g[k + 1] - g[k]) * v_k  # Euler step with the real velocity
+            x = step(x, v_k, k)  # with the real velocity
             S, pending = 0, None
             if slope is not None and k <= N - 2:  # a decision needs a real call after it to be measured
                 S, pending = self._decide(g[k], N - 2 - k, calibrating)  # room: the last step stays real
             for i in range(k + 1, k + 1 + S):  # skipped steps: extrapolated velocity, zero cost
-                v_hat = v_k + (g[i] - g[k]) * slope
-                x = x + (g[i + 1] - g[i]) * v_hat
+                x = step(x, v_k + (g[i] - g[k]) * slope, i)
             stats.rounds += 1
             stats.arm_counts[S] = stats.arm_counts.get(S, 0) + 1
             k += S + 1
@@ -106,10 +115,13 @@ class FastFlow(Sampler):
         self.bandit.update(ctx, torch.tensor([S]), torch.tensor([self.mu_ * S - e if S else 0.0]))
 
     def state_dict(self) -> dict:
-        return {"mu": self.mu_, "bandit": self.bandit.state_dict()}
+        return {"mu": self.mu_, "bandit": self.bandit.state_dict(), "base": self.base}
 
     def load_state_dict(self, state: dict) -> None:
         if "bandit" not in state or "mu" not in state:
             raise ValueError(f"expected a fastflow state with 'mu' and 'bandit', got keys {sorted(state)}")
+        if state.get("base", "euler") != self.base:  # μ and the rewards are errors of another integrator
+            raise ValueError(f"fastflow state was learnt with base={state.get('base', 'euler')!r} but this sampler "
+                             f"has base={self.base!r}; build it with the same base, or start without the state")
         self.bandit.load_state_dict(state["bandit"])
         self.mu_ = None if state["mu"] is None else float(state["mu"])
