@@ -36,6 +36,8 @@ ACCEL = [  # (label, sampler, options, learns online)
     ("rca L4 (lossy)", "rca", dict(leap=4), False),
     ("fastflow", "fastflow", dict(), True),
     ("fastflow mu x3", "fastflow", dict(mu_scale=3.0), True),
+    ("fastflow ab2", "fastflow", dict(base="ab2"), True),
+    ("fastflow ab2 mu x3", "fastflow", dict(base="ab2", mu_scale=3.0), True),
 ]
 
 

@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--n-boot", type=int, default=200)
     ap.add_argument("--cache", default=None, help="FID-proxy classifier file (loaded, or trained and saved)")
+    ap.add_argument("--classifier-steps", type=int, default=600, help="FID-proxy classifier training steps")
+    ap.add_argument("--classifier-seconds", type=float, default=60.0, help="its time cap (seconds)")
     ap.add_argument("--only", nargs="*", default=None, help="subset of sampler labels")
     ap.add_argument("--rival-calls", type=int, default=None,
                     help="target calls of the RIVAL rows (plain solvers; heun takes half as many steps); set it to "
@@ -91,7 +93,8 @@ def main() -> None:
                                     **({} if args.data_root is None else {"root": args.data_root}))
     if dm.image_size != net.image_size:
         raise SystemExit(f"--data {args.data} is {dm.image_size} px but the target is {net.image_size} px")
-    extractor = build_feature_extractor("auto", dm, cache=args.cache)
+    extractor = build_feature_extractor("auto", dm, cache=args.cache, steps=args.classifier_steps,
+                                        max_seconds=args.classifier_seconds)
     print(f"features: {extractor.description}; drafter of the speculative rows: {drafter}")
     dm.setup("fit")
     real = reference_images(dm, min(args.reference, len(dm.reference_set())), seed=args.seed)
