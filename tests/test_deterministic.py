@@ -140,7 +140,7 @@ def test_bandit_state_round_trips_through_the_sampler(name, opts):
     ("sfm", dict(arms=()), "empty"), ("sfm", dict(arms=(4, 2)), "increasing"), ("sfm", dict(arms=(0, 2)), "positive"),
     ("sfm", dict(policy="eps"), "ucb1"), ("sfm", dict(drafter="oracle"), "drafter"),
     ("rca", dict(leap="bandit"), "fixed leap"),
-    ("rca", dict(tol=0.1), r"unknown option\(s\) \['tol'\] for sampler 'rca'; valid: steps, schedule, drafter, leap"),
+    ("rca", dict(tol=0.1), r"unknown option\(s\) \['tol'\] for sampler 'rca'; valid: steps, schedule, grid, drafter, leap"),
     ("fastflow", dict(arms=()), "empty"), ("fastflow", dict(arms=(0, 4, 2)), "increasing"),
     ("fastflow", dict(arms=(0, 1, 8)), "longer than"), ("fastflow", dict(mu_scale=0), "mu_scale"),
 ])
@@ -183,3 +183,35 @@ def test_fastflow_base_is_checked():
     learnt = build_sampler("fastflow", steps=20, base="ab2", mu=0.1).state_dict()
     with pytest.raises(ValueError, match="base='ab2'"):
         build_sampler("fastflow", steps=20).load_state_dict(learnt)
+
+
+# ------------------------------------------------------------------------------------- sfm on a second-order base
+@pytest.mark.parametrize("opts", [dict(leap=1), dict(leap=4, tol=1e-12)])
+def test_sfm_ab2_base_without_accepted_leaps_is_ab2(opts):
+    gm = GaussianMixture.default(dim=16)
+    x0 = torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ab2 = build_sampler("ab2", steps=20).sample(gm, x0).samples
+    assert (build_sampler("sfm", steps=20, base="ab2", **opts).sample(gm, x0).samples - ab2).abs().max() < 1e-12
+
+
+def test_sfm_ab2_base_beats_its_euler_base_at_equal_calls():
+    """Same leaps, same checks (the check does not depend on the base here): the second-order base leaves a
+    several times smaller error against a fine reference."""
+    gm = GaussianMixture.default(dim=16)
+    x0 = torch.randn(256, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = build_sampler("heun", steps=400).sample(gm, x0).samples
+    out = {}
+    for base in ("euler", "ab2"):
+        res = build_sampler("sfm", steps=40, leap=2, tol=0.05, base=base).sample(gm, x0)
+        out[base] = ((res.samples - ref).square().mean().sqrt().item(), res.stats.total_nfe)
+    assert abs(out["ab2"][1] - out["euler"][1]) < 1.0 and out["ab2"][0] < 0.3 * out["euler"][0], out
+
+
+def test_sfm_base_is_checked():
+    with pytest.raises(ValueError, match="unknown base 'heun'; valid: euler, ab2"):
+        build_sampler("sfm", base="heun")
+    learnt = build_sampler("sfm", leap="bandit", base="ab2").state_dict()
+    with pytest.raises(ValueError, match="base='ab2'"):
+        build_sampler("sfm", leap="bandit").load_state_dict(learnt)
+    with pytest.raises(ValueError, match="unknown option"):
+        build_sampler("rca", base="ab2")  # rca keeps its own trapezoid

@@ -59,7 +59,8 @@ def _random_mlp_target(dim=3):
 
 # ------------------------------------------------------------------------------------------- plumbing
 @pytest.mark.parametrize("name,opts", [("speculative", dict(window=4)), ("speculative", dict(window=3, draft_eta=0.7)),
-                                       ("sfm", dict(leap=4, tol=0.01)), ("rca", dict(leap=3))])
+                                       ("sfm", dict(leap=4, tol=0.01)), ("sfm", dict(leap=4, tol=0.01, base="ab2")),
+                                       ("rca", dict(leap=3))])
 def test_untrained_medusa_heads_are_the_frozen_drafter(name, opts):
     """Zero-initialised heads predict Δ = 0: sample for sample the frozen drafter, with draft calls counted."""
     target, x0 = _random_mlp_target(), torch.randn(64, 3, dtype=torch.float64)

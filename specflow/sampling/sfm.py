@@ -36,6 +36,12 @@ correction with the endpoint velocity; it is LOSSY BY DESIGN (no fallback, no ch
 With leap = 1 this is the one-call-per-step predictor–corrector "Heun with the predictor's velocity
 reused": second order, N + 1 calls (Heun pays 2N); with N = 1 it is Heun's step exactly.
 
+Base (``base="euler" | "ab2"``): the step every leap, fallback and last step is made of. With ``ab2`` each is a
+variable-step Adams–Bashforth 2 step with the velocity of this step and the one the sample used at its step
+before (real or drafted; r = h_i/h_{i−1}; a sample's first step is Euler): with no leap accepted the output is
+``ab2``-N exactly, and an accepted leap carries second-order error. The check is unchanged (x̂1 at the leap's
+end). ``rca`` keeps its own trapezoid (no base option).
+
 Bandit (``leap="bandit"``): L is chosen per sample among ``arms`` with context = time bucket of t_k; the
 reward of a decision is steps advanced per target call it caused: L when accepted, 1/2 when rejected (one
 step for two calls). Only arms that fit before t_{N−1} are eligible.
@@ -54,10 +60,27 @@ from specflow.sampling.base import Sampler, register
 from specflow.sampling.drafters import DRAFTERS, make_drafter
 from specflow.sampling.graphs import for_tensor as graphs_for
 from specflow.sampling.opcount import host_side
+from specflow.sampling.solvers import check_base
 
 
 def _norm(x: Tensor) -> Tensor:
     return x.flatten(1).norm(dim=1)
+
+
+def _euler(y, v, k, h, d=None, m=None, d_out=None, pos=None):
+    return y + per_sample(h[k], y) * v
+
+
+def _ab2(y, v, k, h, d, m, d_out=None, pos=None):
+    """One variable-step AB2 step per row from grid index k with velocity v and the row's previous one d
+    (Euler at k = 0); then d ← v where m (the rows that took the step; ``d_out``[pos] when d is a gathered copy)."""
+    r = torch.where(k > 0, h[k] / h[(k - 1).clamp(min=0)], torch.zeros_like(h[k]))
+    out = y + per_sample(h[k], y) * (per_sample(1 + r / 2, y) * v - per_sample(r / 2, y) * d)
+    if d_out is None:
+        d.copy_(torch.where(per_sample(m, d), v, d))
+    else:
+        d_out[pos] = torch.where(per_sample(m, d), v, d)
+    return out
 
 
 @register
@@ -81,9 +104,11 @@ class SFM(Sampler):
     buckets: int = 4
     seed: int = 0
     cuda_graphs: bool = True
+    base: str = "euler"
 
     def __post_init__(self):
         super().__post_init__()
+        check_base(self.base)
         if self.drafter not in DRAFTERS:
             raise ValueError(f"unknown drafter {self.drafter!r}; valid: {', '.join(sorted(DRAFTERS))}")
         if self.leap != "bandit" and (not isinstance(self.leap, int) or isinstance(self.leap, bool)
@@ -136,22 +161,24 @@ class SFM(Sampler):
 
     @staticmethod
     def _leap(drafter, net, x: Tensor, v: Tensor, k: Tensor, L: Tensor, t: Tensor, h: Tensor, L_host: Tensor,
-              Lmax: int):
+              Lmax: int, d: Tensor | None = None):
         """y_L from y_0 = x with v̂_0 = v (real) and drafter velocities after, for every row of x (sample b
         is row b); a row with a shorter leap keeps its end point. ``t``, ``h``: grid times and step sizes in
         x's dtype; ``L_host``: L on the host, Lmax its largest live value. Cheap drafters draft every row (no
-        gathers, no syncs); networks only the leaping rows."""
+        gathers, no syncs); networks only the leaping rows. ``d``: None for Euler steps; for AB2 steps, each
+        row's velocity of its step before (written in place: on return, the velocity of the leap's last step)."""
         N = h.shape[0]
-        y = x + per_sample(h[k.clamp(max=N - 1)], x) * v  # j = 0: an exact Euler step
+        step = _euler if d is None else _ab2
+        y = step(x, v, k.clamp(max=N - 1), h, d, L > 0)  # j = 0: an exact base step
         for j in range(1, Lmax):
             kj, m = (k + j).clamp(max=N - 1), L > j
             if drafter.needs_network:
                 pos = (L_host > j).nonzero().squeeze(1).to(x.device, non_blocking=True)
                 if pos.numel():
-                    y[pos] = y[pos] + per_sample(h[kj[pos]], x) * drafter(y[pos], t[kj[pos]], pos, j, net,
-                                                                          step=kj[pos])
+                    vj = drafter(y[pos], t[kj[pos]], pos, j, net, step=kj[pos])
+                    y[pos] = step(y[pos], vj, kj[pos], h, None if d is None else d[pos], m[pos], d, pos)
             else:
-                y = torch.where(per_sample(m, x), y + per_sample(h[kj], x) * drafter(y, t[kj], None, j, net), y)
+                y = torch.where(per_sample(m, x), step(y, drafter(y, t[kj], None, j, net), kj, h, d, m), y)
         return y
 
     # The round is written for GPU latency, like speculative's: every sample stays in the batch, the host
@@ -168,7 +195,9 @@ class SFM(Sampler):
         z = torch.zeros(B, dtype=torch.long, device=dev)
         # the chain owns its tensors (v is written in place later; a model may keep its output buffer)
         c = _Chain(x=x.clone(), v=v.clone(), k=z.clone(), retry=z.bool(), L=z.clone(), v_s=torch.zeros_like(x),
-                   counts=z.new_zeros(2))  # counts: proposed, accepted leaps
+                   counts=z.new_zeros(2),  # counts: proposed, accepted leaps
+                   d=torch.zeros_like(x) if self.base == "ab2" else None,
+                   d_leap=torch.zeros_like(x) if self.base == "ab2" else None)
         self._last_step(c, h)
         graphs = graphs_for(x, self.cuda_graphs and not drafter.needs_network)
         arms = torch.zeros(max(self.arms if self.bandit is not None else (self.leap,)) + 1, dtype=torch.long)
@@ -180,7 +209,8 @@ class SFM(Sampler):
                 break
             c.L.copy_(L_h, non_blocking=True)  # pageable → device: staged at once, no wait on the device
             rows = rows_h.to(dev, non_blocking=True)
-            y, s = graphs(("leap", Lmax), lambda: (self._leap(drafter, draft, c.x, c.v, c.k, c.L, t, h, L_h, Lmax),
+            y, s = graphs(("leap", Lmax), lambda: (self._leap(drafter, draft, c.x, c.v, c.k, c.L, t, h, L_h, Lmax,
+                                                              c.leap_history()),
                                                    t[(c.k + c.L).clamp(max=N)]), group=Lmax)
             v_s = f(y[rows], s[rows], rows=rows, step=(k_h + L_h)[rows_h])  # the one target call; step: of s
             c.v_s.index_copy_(0, rows, v_s)  # dense again (other rows: stale, never used)
@@ -210,6 +240,8 @@ class SFM(Sampler):
         x_new, v_new = self._commit(c.x, c.v, y, c.v_s, t[c.k], s)
         c.x.copy_(torch.where(per_sample(ok, c.x), x_new, c.x))
         c.v.copy_(torch.where(per_sample(ok, c.x), v_new, c.v))
+        if c.d is not None:  # AB2: an accepted leap's last velocity; a rejected one leaves nothing behind
+            c.d.copy_(torch.where(per_sample(ok, c.x), c.d_leap, c.d))
         torch.where(ok, c.k + c.L, c.k, out=c.k)
         drafter.observe(ok, y, s, c.v_s, *(() if h_s is None else (h_s,)))  # the target at x̃ (accepted)
         torch.logical_and(~ok, live, out=c.retry)
@@ -219,7 +251,9 @@ class SFM(Sampler):
         """The final step to t = 1: Euler with the paid v_{N−1}, never an evaluation at t = 1."""
         N = self.steps
         last = c.k == N - 1
-        c.x.copy_(torch.where(per_sample(last, c.x), c.x + h[N - 1] * c.v, c.x))
+        k = torch.full_like(c.k, N - 1)
+        x_N = _euler(c.x, c.v, k, h) if c.d is None else _ab2(c.x, c.v, k, h, c.d.clone(), last)
+        c.x.copy_(torch.where(per_sample(last, c.x), x_N, c.x))
         c.k.masked_fill_(last, N)
 
     def _accept(self, drafter, net, y, s, v_s, rows, L, j, step=None) -> Tensor:
@@ -235,13 +269,16 @@ class SFM(Sampler):
         return y, v_s
 
     def state_dict(self) -> dict:
-        return {"bandit": self.bandit.state_dict()} if self.bandit is not None else {}
+        return {"bandit": self.bandit.state_dict(), "base": self.base} if self.bandit is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
         if self.bandit is None:
             return super().load_state_dict(state)
         if "bandit" not in state:
             raise ValueError(f"expected a state with a 'bandit' entry for {self.name!r}, got keys {sorted(state)}")
+        if state.get("base", "euler") != self.base:  # its rewards were earned by another integrator's leaps
+            raise ValueError(f"sfm state was learnt with base={state.get('base', 'euler')!r} but this sampler has "
+                             f"base={self.base!r}; build it with the same base, or start without the state")
         self.bandit.load_state_dict(state["bandit"])
 
 
@@ -256,6 +293,12 @@ class _Chain:
     L: Tensor       # (B,) this round's leap lengths (planned on the host)
     v_s: Tensor     # (B, ...) the target at this round's leap ends (rows of the call; others stale)
     counts: Tensor  # (2,) proposed and accepted leaps (L > 1) over the run
+    d: Tensor | None = None       # base="ab2": the velocity each sample used at its step before x_k
+    d_leap: Tensor | None = None  # its copy that this round's leap advances (kept only if the leap is)
+
+    def leap_history(self) -> Tensor | None:
+        """d for the leap to advance: a copy, so that a rejected leap leaves d as it was."""
+        return None if self.d is None else self.d_leap.copy_(self.d)
 
 
 @register
@@ -273,7 +316,7 @@ class RCA(SFM):
 
     @classmethod
     def option_names(cls) -> list[str]:  # sfm's check, bandit and graph options mean nothing here
-        return ["steps", "schedule", "drafter", "leap"]
+        return ["steps", "schedule", "grid", "drafter", "leap"]
 
     def __post_init__(self):
         if self.leap == "bandit":
