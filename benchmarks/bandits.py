@@ -9,7 +9,8 @@ The objective (bandit.py, compute_price = λ): cost per grid step = (the sample'
 (different noise, the same for every row) run every fixed window and the bandit, which learns across the
 batches; "after k" is the bandit's cost on batch k, having learnt from batches 0 … k−1. "best fixed" is the
 best window chosen in hindsight on that same batch; ratio = bandit / best fixed (≤ 1.05 is the goal);
-regret = Σ over batches 0…8 of (bandit − best fixed) cost, in grid steps' worth of calls per sample.
+regret = Σ over batches 0…8 of (bandit − best fixed) cost, in grid steps' worth of calls per sample. The last
+column is the learnt schedule after batch 8: the window the bandit prefers in each time bucket, t = 0 → 1.
 
 --price times the target call at B and (W + 1)·B rows (a speculative round's verify call) on this machine,
 for the configs' networks (random weights: the time does not depend on them), and prints
@@ -53,7 +54,10 @@ def hindsight(name, args, lam):
             fixed[w].append(cost(s, st, args.n, args.steps, lam))
         bandit.sample_rounds = 0.0
         _, st = run(bandit, draft)
-        curve.append((cost(bandit, st, args.n, args.steps, lam), dict(st.arm_counts)))
+        learnt = bandit._bandit.schedule()
+        arms_t = "|".join(str(int(learnt[f"bucket{i}/arm"])) if f"bucket{i}/arm" in learnt else "-"
+                          for i in range(bandit.buckets))
+        curve.append((cost(bandit, st, args.n, args.steps, lam), arms_t))
     return D, fixed, curve
 
 
@@ -62,7 +66,7 @@ def table(args):
           f"N = {args.steps}, n = {args.n} per batch, CPU")
     head = (f"{'model':>8} {'D':>4} {'λ':>5} " + " ".join(f"{'W=' + str(w):>6}" for w in args.arms)
             + f" {'best':>6} " + " ".join(f"{'after ' + str(k):>8}" for k in WARMUPS)
-            + f" {'ratio@4':>7} {'ratio@8':>7} {'regret':>7}  arms chosen in batch 8")
+            + f" {'ratio@4':>7} {'ratio@8':>7} {'regret':>7}  learnt window per t-bucket (t=0→1)")
     print(head + "\n" + "-" * len(head), flush=True)
     for name in args.models:
         for lam in args.prices:

@@ -165,3 +165,9 @@ def test_compute_price_trades_latency_for_compute():
         out[lam] = (st.total_nfe, mean_arm)
     assert out[1.0][0] < 0.85 * out[0.0][0], out
     assert out[1.0][1] < out[0.0][1], out
+
+
+def test_schedule_reports_the_preferred_arm_per_bucket():
+    b = Bandit((1, 2, 4), contexts=3)
+    b.update(torch.tensor([0, 0, 1, 1]), torch.tensor([1, 2, 4, 4]), torch.tensor([0.5, 1.0, 2.0, 3.0]))
+    assert b.schedule() == {"bucket0/arm": 2.0, "bucket0/reward": 1.0, "bucket1/arm": 4.0, "bucket1/reward": 2.5}

@@ -64,6 +64,8 @@ def test_two_rank_evaluation_gathers_logs_and_matches_one_process(tmp_path):
     images, scalars = _tb_tags(tmp_path / "tb")
     assert {f"eval/{k}" for k in labels} <= images
     assert {"eval/speculative/acceptance_rate", "eval/euler/fid_proxy", "eval/sfm/sequential_nfe"} <= scalars
+    learnt = {t for t in scalars if t.startswith("eval/fastflow/bandit/bucket")}  # the learnt schedule
+    assert learnt and {t.rsplit("/", 1)[1] for t in learnt} == {"arm", "reward"}, sorted(scalars)
     assert (tmp_path / "cnn.pt").is_file()  # the FID-proxy classifier, trained on rank 0, cached
 
     # Reproducible: the same (seed, index) gives the same sample split over 2 ranks, in one batch of 64, or

@@ -170,8 +170,11 @@ class SamplingEvaluation(pl.Callback):
         self.last_metrics = metrics
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         if trainer.is_global_zero:
+            # the learnt schedules (rank 0's bandits: each rank learns from its own batches), logged beside
+            learnt = {f"eval/{label}/bandit/{k}": v for label, sampler in self.samplers.items()
+                      for k, v in _bandit_schedule(sampler).items()}
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.log_metrics({**metrics, **learnt}, step=trainer.global_step)
         return metrics
 
     def _velocity(self, pl_module):
@@ -272,6 +275,12 @@ class SamplingEvaluation(pl.Callback):
                             seed=self.seed)
             if images:
                 save_grid_atomic(samples[: self.grid_size], stem.with_suffix(".png"))
+
+
+def _bandit_schedule(sampler: Sampler) -> dict[str, float]:
+    """Per time bucket: the arm the sampler's bandit prefers now and its mean reward (none: {})."""
+    bandit = getattr(sampler, "bandit", None) or getattr(sampler, "_bandit", None)
+    return bandit.schedule() if bandit is not None else {}
 
 
 def _gather_rows(trainer, local: Tensor, n: int) -> Tensor:

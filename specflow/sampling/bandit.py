@@ -117,6 +117,16 @@ class Bandit:
         m = torch.where(self.n > 0, self.means, torch.full_like(self.means, -math.inf))
         return self._values[m.argmax(1)]
 
+    def schedule(self) -> dict[str, float]:
+        """The learnt schedule, for logs and plots: per context (time bucket) with pulls, the arm its mean reward
+        prefers now and that mean — ``{"bucket<i>/arm": value, "bucket<i>/reward": mean}``."""
+        best, out = self.best(), {}
+        for i in range(self.contexts):
+            if self.n[i].sum() > 0:
+                a = int(self.index(best[i:i + 1])[0])
+                out[f"bucket{i}/arm"], out[f"bucket{i}/reward"] = float(best[i]), float(self.means[i, a])
+        return out
+
     def _range(self) -> float:
         R = self.r_max - self.r_min
         return R if math.isfinite(R) and R > 0 else 1.0
