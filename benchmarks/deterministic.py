@@ -31,6 +31,9 @@ ACCEL = [  # (label, sampler, options, learns online)
     ("sfm L4 tol.1", "sfm", dict(leap=4, tol=0.1), False),
     ("sfm L4 tol.2", "sfm", dict(leap=4, tol=0.2), False),
     ("sfm bandit tol.05", "sfm", dict(leap="bandit", tol=0.05), True),
+    ("sfm ab2 L2 tol.05", "sfm", dict(leap=2, tol=0.05, base="ab2"), False),
+    ("sfm ab2 L4 tol.2", "sfm", dict(leap=4, tol=0.2, base="ab2"), False),
+    ("sfm ab2 bandit tol.05", "sfm", dict(leap="bandit", tol=0.05, base="ab2"), True),
     ("sfm bandit(1,2,4) tol.1", "sfm", dict(leap="bandit", arms=(1, 2, 4), tol=0.1), True),
     ("rca L2 (lossy)", "rca", dict(leap=2), False),
     ("rca L4 (lossy)", "rca", dict(leap=4), False),
@@ -99,6 +102,8 @@ def table(model_name, N, args, guidance=None):
     add(f"euler-{N} (reference)", res_eN, t_eN)
     costs = []
     for label, name, opts, learns in ACCEL:
+        if args.only and label not in args.only:
+            continue
         try:
             s = build_sampler(name, steps=N, **opts)
         except ValueError as e:
@@ -140,7 +145,11 @@ def main():
     p.add_argument("--warmup", type=int, default=4, help="batches the online-learning samplers see first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
+    p.add_argument("--only", nargs="+", default=None, metavar="LABEL",
+                   help="a subset of the accelerated rows, by label: " + "; ".join(a[0] for a in ACCEL))
     args = p.parse_args()
+    if args.only and set(args.only) - {a[0] for a in ACCEL}:
+        p.error(f"unknown --only labels {sorted(set(args.only) - {a[0] for a in ACCEL})}")
     if args.threads:
         torch.set_num_threads(args.threads)
     for m in args.models:

@@ -49,7 +49,7 @@ def samplers(steps: int, rival_calls: int, drafter: str = "extrapolate") -> dict
         "euler": build_sampler("euler", steps=steps),
         "sfm": build_sampler("sfm", steps=steps),
         "fastflow": build_sampler("fastflow", steps=steps),
-        "LOSSY accept-all": AcceptAll(steps=steps, window=8),
+        "LOSSY accept-all": AcceptAll(steps=steps, drafter=drafter, window=8),
         "LOSSY rca": build_sampler("rca", steps=steps),
         f"LOSSY sde N={max(steps // 10, 2)}": build_sampler("sde", steps=max(steps // 10, 2)),
         f"RIVAL sde N={n}": build_sampler("sde", steps=n),
@@ -65,6 +65,8 @@ def main() -> None:
                     help="the target's data set: the classifier's training set and FID's reference")
     ap.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: Debian's)")
     ap.add_argument("--draft", default=None, help="a draft checkpoint of the target (medusa or small net)")
+    ap.add_argument("--drafter", default="extrapolate", choices=["frozen", "extrapolate"],
+                    help="the training-free drafter of the speculative rows when no --draft is given")
     ap.add_argument("--reference", type=int, default=10_000, help="reference images (at most the training set)")
     ap.add_argument("--num", type=int, default=1797, help="samples per sampler")
     ap.add_argument("--steps", type=int, default=100)
@@ -82,7 +84,7 @@ def main() -> None:
 
     net = load_target(args.ckpt)
     shape = (net.in_channels, net.image_size, net.image_size)
-    draft, drafter = None, "extrapolate"
+    draft, drafter = None, args.drafter
     if args.draft:
         draft = load_draft(args.draft, net)
         drafter = read_checkpoint(args.draft, "draft checkpoint")[DRAFT_KEY]["drafter"]
