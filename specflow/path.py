@@ -65,7 +65,9 @@ def score(x: Tensor, t: Tensor | float, v: Tensor) -> Tensor:
 def time_grid(steps: int, *, device=None, dtype=torch.float64, schedule: str = "uniform") -> Tensor:
     """A grid 0 = t_0 < … < t_N = 1 with N = ``steps`` intervals, built on ``device``.
 
-    ``schedule``: "uniform", or "quadratic" (denser near t = 1, where images gain detail).
+    ``schedule``: "uniform", "quadratic" (denser near t = 1, where images gain detail), or "edm" (Karras et
+    al.'s ρ = 7 spacing of σ = (1 − t)/t from 80 to 0.002, mapped onto t = 1/(1 + σ), with t_0 = 0 and t_N = 1:
+    dense at both ends).
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -74,7 +76,13 @@ def time_grid(steps: int, *, device=None, dtype=torch.float64, schedule: str = "
         return u
     if schedule == "quadratic":
         return 1 - (1 - u) ** 2
-    raise ValueError(f"unknown time schedule {schedule!r}; valid: 'uniform', 'quadratic'")
+    if schedule == "edm":
+        rho, lo, hi = 7.0, 0.002 ** (1 / 7.0), 80.0 ** (1 / 7.0)
+        sigma = (hi + u[:-1] * steps / max(steps - 1, 1) * (lo - hi)) ** rho
+        t = 1 / (1 + sigma)
+        t[0] = 0.0  # σ = ∞: the sampler starts from pure noise, as every grid here does
+        return torch.cat([t, u[-1:]])
+    raise ValueError(f"unknown time schedule {schedule!r}; valid: 'uniform', 'quadratic', 'edm'")
 
 
 def transition_std(t: Tensor | float, s: Tensor | float, eta: float = 1.0) -> Tensor:

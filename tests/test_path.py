@@ -29,6 +29,9 @@ def test_time_grid():
     assert g.dtype == torch.float64 and g.tolist() == [0, 0.25, 0.5, 0.75, 1]
     q = path.time_grid(10, schedule="quadratic")
     assert q[0] == 0 and q[-1] == 1 and bool((q.diff() > 0).all()) and q.diff()[-1] < q.diff()[0]
+    e = path.time_grid(10, schedule="edm")  # dense at both ends, t_1 = 1/(1 + σ_1) of Karras's ρ-schedule
+    assert e[0] == 0 and e[-1] == 1 and bool((e.diff() > 0).all()) and e.diff()[-1] < e.diff()[4] > e.diff()[1]
+    assert abs(e[-2].item() - 1 / 1.002) < 1e-12 and abs(1 / e[1].item() - 1 - (80 ** (1 / 7) + (0.002 ** (1 / 7) - 80 ** (1 / 7)) / 9) ** 7) < 1e-9
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="steps"):
             path.time_grid(bad)

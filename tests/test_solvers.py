@@ -18,7 +18,7 @@ def _err(name, steps, schedule="uniform"):
     return (res.samples - (MU + S * x0)).abs().max().item(), res.stats
 
 
-@pytest.mark.parametrize("schedule", ["uniform", "quadratic"])
+@pytest.mark.parametrize("schedule", ["uniform", "quadratic", "edm"])
 @pytest.mark.parametrize("name,order", [("euler", 1), ("heun", 2), ("ab2", 2)])
 def test_convergence_order(name, order, schedule):
     e1, _ = _err(name, 20, schedule)
@@ -26,7 +26,7 @@ def test_convergence_order(name, order, schedule):
     assert abs(torch.log2(torch.tensor(e1 / e2)).item() - order) < 0.3, (e1, e2)
 
 
-@pytest.mark.parametrize("schedule", ["uniform", "quadratic"])
+@pytest.mark.parametrize("schedule", ["uniform", "quadratic", "edm"])
 def test_ab2_is_exact_for_a_velocity_linear_in_t(schedule):
     """AB2 integrates v = a + b·t exactly after its first (Euler) step, whose error is b·h0²/2 — on any grid,
     if its variable-step coefficients are right (the convergence order cannot tell: on a smooth grid the

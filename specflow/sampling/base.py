@@ -27,7 +27,7 @@ def register(cls):
 
 @dataclasses.dataclass
 class Sampler:
-    """Base options: ``steps`` (N grid intervals) and the time ``schedule`` ("uniform" | "quadratic"), or an
+    """Base options: ``steps`` (N grid intervals) and the time ``schedule`` ("uniform" | "quadratic" | "edm"), or an
     explicit ``grid`` (N + 1 increasing times from t_0 >= 0 to 1, e.g. ``specflow.adapters``' ``.grid(N)``:
     another library's own schedule), which replaces the schedule."""
 
