@@ -58,6 +58,24 @@ def test_euler_is_ddim(unet, pred, spacing):
     assert rel(ours(m, "euler", 10, noise), library_loop(unet, sch, noise.clone(), 10)) < 1e-5
 
 
+def test_class_labels_reach_a_class_conditional_unet():
+    net = tiny_unet(classes=3)
+    sch = diffusers.DDIMScheduler(clip_sample=False)
+    noise = torch.randn(6, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    sch.set_timesteps(8)
+    x = noise.clone()
+    with torch.no_grad():
+        for k in sch.timesteps:
+            x = sch.step(net(x, k, class_labels=labels).sample, k, x).prev_sample
+    m = from_diffusers(net, sch)
+    assert m.num_classes == 3 and (m.in_channels, m.image_size) == (1, 8)
+    got = build_sampler("euler", steps=8, grid=m.grid(8)).sample(m.model, m.start(noise), cond=labels).samples
+    assert rel(m.to_data(got), x) < 1e-5
+    other = build_sampler("euler", steps=8, grid=m.grid(8)).sample(m.model, m.start(noise), cond=labels.flip(0))
+    assert rel(m.to_data(other.samples), x) > 1e-3  # the labels matter, so the test would see them dropped
+
+
 def test_clip_sample_reproduced_exactly(unet):
     """x̂0 clipped, ε re-derived from it: DDIM with use_clipped_model_output=True. The clip must bite here (the
     unclipped adapter is far off), so the test would catch an adapter that ignored it."""
