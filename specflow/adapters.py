@@ -295,6 +295,10 @@ def from_diffusers(denoiser, scheduler, cond_key: str = "class_labels") -> Adapt
     if pred not in ("epsilon", "v_prediction", "sample"):
         raise ValueError(f"{kind} has prediction_type={pred!r}; specflow maps 'epsilon', 'v_prediction' and "
                          f"'sample' onto the linear path")
+    if str(cfg.get("variance_type", "fixed_small")).startswith("learned"):
+        raise ValueError(f"{kind} has variance_type={cfg.get('variance_type')!r}: the net also predicts the step's "
+                         f"variance (2× the channels), which specflow's samplers do not use; only the mean "
+                         f"(ε, v or x0) prediction is supported")
     if cfg.get("thresholding", False):
         raise ValueError(f"{kind} has thresholding=True: dynamic thresholding rescales x̂0 by a per-sample "
                          f"quantile, which specflow does not reproduce; load it with thresholding=False "

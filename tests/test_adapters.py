@@ -261,6 +261,8 @@ def test_adapters_refuse_models_of_another_kind(unet):
         build_sampler("euler", steps=2).sample(m.model, torch.randn(2, 3))
     with pytest.raises(ValueError, match="prediction_type"):
         from_diffusers(unet, diffusers.DDPMScheduler(prediction_type="flow_prediction"))
+    with pytest.raises(ValueError, match="variance"):
+        from_diffusers(unet, diffusers.DDPMScheduler(variance_type="learned_range"))
     with pytest.raises(ValueError, match="thresholding"):
         from_diffusers(unet, diffusers.DDPMScheduler(thresholding=True))
     with pytest.raises(ValueError, match="scheduler"):
