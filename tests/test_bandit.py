@@ -138,6 +138,8 @@ def test_compute_price_is_checked():
     with pytest.raises(ValueError, match="objective"):
         build_sampler("speculative", window="bandit", compute_price=0.0).load_state_dict(learnt)
     build_sampler("speculative", window="bandit", compute_price=0.2).load_state_dict(learnt)  # same objective
+    with pytest.raises(ValueError, match="verifier='tree'"):  # its rows per round are not one branch's
+        build_sampler("speculative", window="bandit", compute_price=0.2, verifier="tree")
 
 
 def test_window_reward_prices_rows():

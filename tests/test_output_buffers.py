@@ -10,7 +10,7 @@ from specflow.nets import build_net
 from specflow.nets.heads import MedusaHeads
 from specflow.sampling import build_sampler
 from specflow.sampling.solvers import Heun
-from tests.test_drafts import FeatureGMM
+from test_drafts import FeatureGMM  # not "tests.test_drafts": flow_matching installs a package named tests
 
 
 class ReusesOutputs:

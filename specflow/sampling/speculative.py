@@ -181,6 +181,9 @@ class Speculative(Sampler):
         v = self.verifier
         if v not in VERIFIERS:
             raise ValueError(f"unknown verifier {v!r}; valid: {', '.join(VERIFIERS)}")
+        if v == "tree" and self.window == "bandit" and self.compute_price > 0:
+            raise ValueError("compute_price > 0 prices a round's target rows, which the window bandit counts for "
+                             "one branch; with verifier='tree' use compute_price=0 (or a fixed window)")
         if v == "tree":
             if self.branches is None:
                 self.branches = 2

@@ -91,7 +91,7 @@ def run_tree(s, f, x: Tensor, grid: Tensor, generator, stats) -> Tensor:
     while True:
         k_h, known_h, _ = f.fetch(k, known, counts)
         if s._bandit is not None:
-            W, played = s._play_bandit(k_h, grid, arms, played)
+            W, played = s._play_bandit(k_h, known_h, grid, arms, played)
         else:
             W = torch.full((B,), s.window, dtype=torch.long)
         L_h = torch.minimum(W, N - k_h)
