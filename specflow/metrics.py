@@ -242,12 +242,19 @@ def classifier_features(datamodule, cache: str | Path | None = None, steps: int 
         if have != want:
             raise ValueError(f"the cached FID-proxy classifier {cache} was trained on data with {have}, but this "
                              f"data module has {want}; delete the file or point classifier_cache elsewhere")
+        budget = payload.get("budget")  # older files did not record it
+        if budget is not None and budget.get("steps") != steps:
+            raise ValueError(f"the cached FID-proxy classifier {cache} was trained for {budget.get('steps')} steps, "
+                             f"but steps={steps} were asked: features (hence FID-proxy values) of another "
+                             f"classifier are not comparable; ask for the same budget, delete the file, or point "
+                             f"classifier_cache elsewhere")
         return ClassifierFeatures.from_payload(payload, note=f", loaded from {cache}").to(device)
     cnn, rep = train_classifier(datamodule, steps=steps, max_seconds=max_seconds, seed=seed, device=device)
     note = f", {rep.steps} steps in {rep.seconds:.1f}s"
     extractor = ClassifierFeatures(cnn, rep.val_accuracy, note).to(device)
     if cache is not None:
-        atomic_write(cache, ".pt", lambda tmp: torch.save(extractor.payload(), tmp))
+        payload = {**extractor.payload(), "budget": {"steps": steps}}
+        atomic_write(cache, ".pt", lambda tmp: torch.save(payload, tmp))
     return extractor
 
 

@@ -30,13 +30,15 @@ def test_classifier_is_accurate_and_its_cache_reloads_identically(digits_feature
     assert ex.val_accuracy > 0.95, ex.description
     assert ex.fid_name == "fid_proxy" and "FID-proxy" in ex.description  # named honestly
     assert cache.is_file()
-    again = classifier_features(DigitsDataModule(), cache=cache)  # loads, does not retrain
+    again = classifier_features(DigitsDataModule(), cache=cache, steps=300)  # loads, does not retrain
     assert "loaded from" in again.description
     assert torch.equal(extract_features(again, x), feats)
     bad = DigitsDataModule()
     bad.num_classes = 7  # another data set than the one the cache was trained on: a clear error
     with pytest.raises(ValueError, match="cached FID-proxy classifier"):
-        classifier_features(bad, cache=cache)
+        classifier_features(bad, cache=cache, steps=300)
+    with pytest.raises(ValueError, match="not comparable"):  # another training budget: other features
+        classifier_features(DigitsDataModule(), cache=cache, steps=600)
 
 
 def test_fid_matches_the_closed_form():
@@ -85,7 +87,7 @@ def test_inception_is_only_used_when_its_weights_are_on_disk(tmp_path, monkeypat
     assert inception_weights() is None
     with pytest.raises(FileNotFoundError, match="no download is attempted.*fid_proxy"):
         build_feature_extractor("inception")
-    auto = build_feature_extractor("auto", DigitsDataModule(), cache=cache)  # falls back, offline
+    auto = build_feature_extractor("auto", DigitsDataModule(), cache=cache, steps=300)  # falls back, offline
     assert auto.fid_name == "fid_proxy"
     # With torch-fidelity importable and the weights file in place, the local file is what gets used.
     weights = tmp_path / "hub" / "checkpoints" / metrics.INCEPTION_FILE
