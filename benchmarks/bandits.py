@@ -41,7 +41,7 @@ def hindsight(name, args, lam):
     arms = tuple(args.arms)
     fixed = {w: [] for w in arms}
     bandit, curve = CountingSpeculative(steps=args.steps, drafter=args.drafter, window="bandit", arms=arms,
-                                        compute_price=lam), []
+                                        compute_price=lam, policy=args.policy), []
     for b in range(BATCHES):
         args.seed = b
         run, D, drafts, _ = _model(name, args)
@@ -62,7 +62,7 @@ def hindsight(name, args, lam):
 
 
 def table(args):
-    print(f"speculative window bandit (ucb1, drafter {args.drafter}, arms {tuple(args.arms)}, 4 time buckets), "
+    print(f"speculative window bandit ({args.policy}, drafter {args.drafter}, arms {tuple(args.arms)}, 4 time buckets), "
           f"N = {args.steps}, n = {args.n} per batch, CPU")
     head = (f"{'model':>8} {'D':>4} {'λ':>5} " + " ".join(f"{'W=' + str(w):>6}" for w in args.arms)
             + f" {'best':>6} " + " ".join(f"{'after ' + str(k):>8}" for k in WARMUPS)
@@ -123,6 +123,7 @@ def main():
     ap.add_argument("--prices", type=float, nargs="+", default=[0.0, 0.05, 0.2])
     ap.add_argument("--arms", type=int, nargs="+", default=[2, 4, 8, 16])
     ap.add_argument("--drafter", default="extrapolate")
+    ap.add_argument("--policy", default="thompson", choices=["ucb1", "thompson"])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("-n", type=int, default=256, help="samples per batch")
     ap.add_argument("--price", action="store_true", help="measure the λ this machine implies instead")
