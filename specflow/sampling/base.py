@@ -131,9 +131,10 @@ def check_grid(grid, steps: int) -> Tensor:
     if len(g) != steps + 1:
         raise ValueError(f"grid has {len(g)} times but steps={steps} needs steps + 1 = {steps + 1}; build the "
                          f"sampler with steps=len(grid) - 1")
-    if not bool(torch.isfinite(g).all()) or g[0] < 0 or g[-1] != 1 or not bool((g[1:] > g[:-1]).all()):
+    increasing = bool((g[1:] > g[:-1]).all())
+    if not bool(torch.isfinite(g).all()) or g[0] < 0 or g[-1] != 1 or not increasing:
         raise ValueError(f"grid must increase strictly from t_0 >= 0 to exactly 1 (t = 1 is data), got "
-                         f"{g[0].item():.6g} … {g[-1].item():.6g}{'' if bool((g[1:] > g[:-1]).all()) else ', not increasing'}")
+                         f"{g[0].item():.6g} … {g[-1].item():.6g}{'' if increasing else ', not increasing'}")
     return g
 
 

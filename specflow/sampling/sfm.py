@@ -248,11 +248,11 @@ class SFM(Sampler):
         self._last_step(c, h)
 
     def _last_step(self, c: "_Chain", h: Tensor) -> None:
-        """The final step to t = 1: Euler with the paid v_{N−1}, never an evaluation at t = 1."""
+        """The final step to t = 1: the base step with the paid v_{N−1}, never an evaluation at t = 1."""
         N = self.steps
         last = c.k == N - 1
         k = torch.full_like(c.k, N - 1)
-        x_N = _euler(c.x, c.v, k, h) if c.d is None else _ab2(c.x, c.v, k, h, c.d.clone(), last)
+        x_N = _euler(c.x, c.v, k, h) if c.d is None else _ab2(c.x, c.v, k, h, c.d, last)  # d: done rows only
         c.x.copy_(torch.where(per_sample(last, c.x), x_N, c.x))
         c.k.masked_fill_(last, N)
 

@@ -65,17 +65,19 @@ def base_step(base: str, g: list[float]):
     """The step the deterministic accelerators build on, as a closure step(x, d, k) → x_{k+1} over the host grid
     ``g``: Euler, or variable-step Adams–Bashforth 2 with the previous call's d (whatever step it was: real
     or extrapolated); its first step is Euler."""
-    prev = {}
+    if base == "euler":
+        return lambda x, d, k: x + (g[k + 1] - g[k]) * d
+    prev = None  # (k, d) of the step before
 
     def step(x, d, k):
+        nonlocal prev
         h = g[k + 1] - g[k]
-        if base == "euler" or k - 1 not in prev:
+        if prev is None or prev[0] != k - 1:
             out = x + h * d
         else:
             r = h / (g[k] - g[k - 1])
-            out = x + h * ((1 + r / 2) * d - (r / 2) * prev.pop(k - 1))
-        prev.clear()
-        prev[k] = d.clone()  # a copy: the model may write its next output into d's buffer
+            out = x + h * ((1 + r / 2) * d - (r / 2) * prev[1])
+        prev = (k, d.clone())  # a copy: the model may write its next output into d's buffer
         return out
     return step
 
