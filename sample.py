@@ -236,6 +236,7 @@ def run(args) -> int:
     from specflow.io import save_grid_atomic, save_npz_atomic
     from specflow.parts import Parts
     from specflow.sampling import build_sampler
+    from specflow.sampling.drafters import DRAFTERS
 
     # Everything that can be checked before sampling is checked first, so a bad call costs nothing.
     if args.num_samples <= 0:
@@ -272,9 +273,10 @@ def run(args) -> int:
         kind = draft.specflow.drafter
         if "drafter" not in options:
             options["drafter"] = kind
-        elif options["drafter"] != kind:
-            raise ValueError(f"--draft is a {kind!r} draft but --opt drafter={options['drafter']}; drop the option "
-                             f"or use drafter={kind}")
+        elif getattr(DRAFTERS.get(options["drafter"]), "network", None) != kind:
+            readers = sorted(n for n, d in DRAFTERS.items() if d.network == kind)
+            raise ValueError(f"--draft is a {kind!r} draft but --opt drafter={options['drafter']} does not read "
+                             f"one; drop the option or use drafter={' or '.join(readers)}")
     sampler = build_sampler(args.sampler, steps=args.steps, **options, **options_grid)
     if draft is not None and not sampler.needs_draft:
         print(f"note: sampler {args.sampler!r} does not use a draft; --draft is ignored", file=sys.stderr)

@@ -28,6 +28,7 @@ from specflow.generate import sample_indices
 from specflow.metrics import (bootstrap_fid, bootstrap_fid_difference, build_feature_extractor, extract_features,
                               reference_images)
 from specflow.sampling import build_sampler
+from specflow.sampling.drafters import DRAFTERS
 from specflow.sampling.speculative import Speculative
 from specflow.tally import Tally
 
@@ -40,16 +41,16 @@ class AcceptAll(Speculative):
         return L.clone()
 
 
-def samplers(steps: int, rival_calls: int, drafter: str = "extrapolate") -> dict:
+def samplers(steps: int, rival_calls: int, drafter: str = "extrapolate", window: int = 8) -> dict:
     n = rival_calls  # the plain solvers at speculation's sequential calls: what fewer steps alone would give
     return {
         "sde": build_sampler("sde", steps=steps),
-        "speculative": build_sampler("speculative", steps=steps, drafter=drafter, window=8),
+        "speculative": build_sampler("speculative", steps=steps, drafter=drafter, window=window),
         "speculative-bandit": build_sampler("speculative", steps=steps, drafter=drafter, window="bandit"),
         "euler": build_sampler("euler", steps=steps),
         "sfm": build_sampler("sfm", steps=steps),
         "fastflow": build_sampler("fastflow", steps=steps),
-        "LOSSY accept-all": AcceptAll(steps=steps, drafter=drafter, window=8),
+        "LOSSY accept-all": AcceptAll(steps=steps, drafter=drafter, window=window),
         "LOSSY rca": build_sampler("rca", steps=steps),
         f"LOSSY sde N={max(steps // 10, 2)}": build_sampler("sde", steps=max(steps // 10, 2)),
         f"RIVAL sde N={n}": build_sampler("sde", steps=n),
@@ -65,8 +66,10 @@ def main() -> None:
                     help="the target's data set: the classifier's training set and FID's reference")
     ap.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: Debian's)")
     ap.add_argument("--draft", default=None, help="a draft checkpoint of the target (medusa or small net)")
-    ap.add_argument("--drafter", default="extrapolate", choices=["frozen", "extrapolate"],
-                    help="the training-free drafter of the speculative rows when no --draft is given")
+    ap.add_argument("--drafter", default=None, choices=sorted(DRAFTERS),
+                    help="the speculative rows' drafter (default: extrapolate, or the kind of --draft; "
+                         "'anchored' reads a small-net draft)")
+    ap.add_argument("--window", type=int, default=8, help="the speculative rows' window")
     ap.add_argument("--reference", type=int, default=10_000, help="reference images (at most the training set)")
     ap.add_argument("--num", type=int, default=1797, help="samples per sampler")
     ap.add_argument("--steps", type=int, default=100)
@@ -84,10 +87,15 @@ def main() -> None:
 
     net = load_target(args.ckpt)
     shape = (net.in_channels, net.image_size, net.image_size)
-    draft, drafter = None, args.drafter
+    draft, drafter = None, args.drafter or "extrapolate"
     if args.draft:
         draft = load_draft(args.draft, net)
-        drafter = read_checkpoint(args.draft, "draft checkpoint")[DRAFT_KEY]["drafter"]
+        kind = read_checkpoint(args.draft, "draft checkpoint")[DRAFT_KEY]["drafter"]
+        drafter = args.drafter or kind
+        if DRAFTERS[drafter].network != kind:
+            raise SystemExit(f"--drafter {drafter} does not read a {kind!r} draft")
+    elif DRAFTERS[drafter].needs_network:
+        raise SystemExit(f"--drafter {drafter} needs --draft")
     if args.data == "digits":
         dm = DigitsDataModule(image_size=net.image_size)
     else:
@@ -102,7 +110,7 @@ def main() -> None:
     real = reference_images(dm, min(args.reference, len(dm.reference_set())), seed=args.seed)
     ref = extract_features(extractor, real)
     feats, rows = {}, []
-    table = samplers(args.steps, args.rival_calls or max(round(0.3 * args.steps), 1), drafter)
+    table = samplers(args.steps, args.rival_calls or max(round(0.3 * args.steps), 1), drafter, args.window)
     if args.only and set(args.only) - set(table):
         raise SystemExit(f"unknown --only labels {sorted(set(args.only) - set(table))}; valid: {list(table)}")
     for label, sampler in table.items():

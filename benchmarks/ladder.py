@@ -14,7 +14,8 @@ expectation for any Gaussian-step drafter, so a gap is Monte Carlo noise or a bu
 Columns:
   accept / pred   measured acceptance (accepted / proposed) and the formula's, from the measured z
   z / z√D         mean z of the proposed steps, and z/√D: the draft error per coordinate in noise units
-  seq/N total/N   sequential target calls / N (one batch), target rows per sample / N
+  seq/N total/N   sequential target calls / N (one batch: its slowest sample), target rows per sample / N
+  own/N           a sample's own rounds / N, averaged over the samples (its latency alone, batch 1)
   draft/N         draft rows per sample / N;   dFLOPs: one draft row's FLOPs / one target row's
 Each (drafter, window) runs on a fresh sampler with the same per-sample noise; "bandit" learns within the run.
 """
@@ -33,6 +34,7 @@ from specflow.checkpoint import load_draft, load_target
 from specflow.generate import generate, sample_shape
 from specflow.sampling.speculative import Speculative, _sqnorm
 
+NETWORK = {"model": "model", "anchored": "model", "medusa": "medusa"}  # drafter → the trained draft it reads
 RUNGS = {"digits": "runs/digits", "fashion14": "runs/fashion14", "fashion": "runs/fashion"}
 
 
@@ -43,6 +45,11 @@ class MeasuringSpeculative(Speculative):
     def __post_init__(self):
         super().__post_init__()
         self.z_sum = self.pred_sum = self.count = self.noisy = 0.0  # noisy: proposed steps with c > 0
+        self.sample_rounds = 0.0  # Σ over samples of the rounds (target calls) each took: its own latency
+
+    def _observe(self, drafter, r, a, ex):
+        self.sample_rounds += float((r.last >= 0).sum())  # finished samples (L = 0) have last = −1
+        super()._observe(drafter, r, a, ex)
 
     def _verify(self, r, ex, L, jj):
         a = super()._verify(r, ex, L, jj)
@@ -64,6 +71,13 @@ class MeasuringSpeculative(Speculative):
         return self.z_sum / max(1.0, self.noisy)
 
 
+def window_options(w: str) -> dict:
+    """"8" → a fixed window; "bandit" or "bandit:λ" → the window bandit with compute_price λ."""
+    if w.startswith("bandit"):
+        return {"window": "bandit", "compute_price": float(w.partition(":")[2] or 0)}
+    return {"window": int(w)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rungs", nargs="+", default=list(RUNGS), help=f"of {list(RUNGS)}; each reads runs/<rung>*")
@@ -72,8 +86,9 @@ def main():
     ap.add_argument("--draft-suffix", default="", help="read drafts from runs/<rung>_draft<suffix>, "
                     "runs/<rung>_medusa<suffix> (e.g. _mse: the MSE-trained drafts of the loss comparison)")
     ap.add_argument("--steps", type=int, nargs="+", default=[100, 50])
-    ap.add_argument("--windows", nargs="+", default=["4", "8", "bandit"])
-    ap.add_argument("--drafters", nargs="+", default=["frozen", "extrapolate", "model", "medusa"])
+    ap.add_argument("--windows", nargs="+", default=["4", "8", "bandit"],
+                    help='ints, "bandit" or "bandit:λ" (the window bandit with compute_price λ)')
+    ap.add_argument("--drafters", nargs="+", default=["frozen", "extrapolate", "model", "anchored", "medusa"])
     ap.add_argument("-n", type=int, default=64, help="samples, one batch")
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -81,8 +96,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    head = (f"{'rung':>9} {'D':>4} {'N':>4} {'drafter':>11} {'window':>6} {'accept':>6} {'pred':>6} {'z':>6} "
-            f"{'z/√D':>6} {'seq/N':>6} {'total/N':>7} {'draft/N':>7} {'dFLOPs':>6} {'wall s':>6}")
+    head = (f"{'rung':>9} {'D':>4} {'N':>4} {'drafter':>11} {'window':>10} {'accept':>6} {'pred':>6} {'z':>6} "
+            f"{'z/√D':>6} {'seq/N':>6} {'own/N':>6} {'total/N':>7} {'draft/N':>7} {'dFLOPs':>6} {'wall s':>6}")
     print(f"n = {args.n} samples per row (one batch), labels cycle, guidance {args.guidance}, device {args.device}")
     print(head + "\n" + "-" * len(head), flush=True)
     for rung in args.rungs:
@@ -93,7 +108,7 @@ def main():
             continue
         target = load_target(tpath, args.device)
         D = math.prod(sample_shape(target))
-        drafts, rel = {}, {"frozen": 0.0, "extrapolate": 0.0}
+        drafts, rel = {}, {}
         x = torch.randn(1, *sample_shape(target), device=args.device)
         t, y = torch.full((1,), 0.5, device=args.device), torch.zeros(1, dtype=torch.long, device=args.device)
         with torch.no_grad():
@@ -110,19 +125,20 @@ def main():
                                    t_src=t, x1_src=x)) / f_t
         for N in args.steps:
             for d in args.drafters:
-                if d in ("model", "medusa") and d not in drafts:
+                net = NETWORK.get(d)  # the trained draft a drafter reads, if any
+                if net is not None and net not in drafts:
                     continue
                 for w in args.windows:
-                    s = MeasuringSpeculative(steps=N, drafter=d, window=w if w == "bandit" else int(w))
+                    s = MeasuringSpeculative(steps=N, drafter=d, **window_options(w))
                     t0 = time.perf_counter()
-                    st = generate(target, s, args.n, args.n, args.seed, "cycle", args.guidance, drafts.get(d),
+                    st = generate(target, s, args.n, args.n, args.seed, "cycle", args.guidance, drafts.get(net),
                                   args.device).stats
                     wall = time.perf_counter() - t0
                     assert int(s.count) == st.proposed, (s.count, st.proposed)  # the same steps as the stats'
-                    print(f"{rung:>9} {D:4d} {N:4d} {d:>11} {w:>6} {st.acceptance_rate:6.3f} "
+                    print(f"{rung:>9} {D:4d} {N:4d} {d:>11} {w:>10} {st.acceptance_rate:6.3f} "
                           f"{s.pred_sum / s.count:6.3f} {s.z_mean:6.2f} {s.z_mean / math.sqrt(D):6.3f} "
-                          f"{st.sequential_nfe / N:6.3f} {st.total_nfe / N:7.3f} {st.draft_nfe / N:7.3f} "
-                          f"{rel[d]:6.3f} {wall:6.1f}", flush=True)
+                          f"{st.sequential_nfe / N:6.3f} {s.sample_rounds / args.n / N:6.3f} {st.total_nfe / N:7.3f} {st.draft_nfe / N:7.3f} "
+                          f"{rel.get(net, 0.0):6.3f} {wall:6.1f}", flush=True)
 
 
 if __name__ == "__main__":

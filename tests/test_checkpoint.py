@@ -197,6 +197,16 @@ def test_sample_py_end_to_end_with_a_medusa_draft(ckpts, tmp_path, capsys):
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
 
+def test_sample_py_runs_the_anchored_drafter_on_a_model_draft(ckpts, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _sample_module().main([str(ckpts["target"]), "--draft", str(ckpts["draft"]), "--sampler", "speculative",
+                                  "--opt", "drafter=anchored", "--opt", "window=3", "--steps", "8", "-n", "4",
+                                  "--out", str(out)]) == 0
+    with np.load(out / "samples.npz") as z:
+        meta = json.loads(str(z["meta"]))
+    assert meta["options"]["drafter"] == "anchored" and meta["stats"]["draft_nfe"] > 0, meta
+
+
 def test_sample_py_samples_do_not_depend_on_the_batch_size(ckpts, tmp_path):
     sample = _sample_module()
     got = []
@@ -444,7 +454,8 @@ def test_sample_py_checkpoint_and_output_errors(ckpts, tmp_path, capsys):
              ([str(ckpts["medusa"])], "DRAFT checkpoint"),
              ([str(ckpts["other"]), "--draft", str(ckpts["medusa"]), "--sampler", "speculative"], "fingerprint"),
              ([str(ckpts["target"]), "--draft", str(ckpts["draft"]), "--sampler", "sfm", "--opt", "drafter=medusa"],
-              "'model' draft")]
+              "'model' draft but --opt drafter=medusa does not read one; drop the option or use drafter=anchored "
+              "or model")]
     for argv, message in cases:
         assert sample.main([*argv, "--steps", "4", "-n", "2"]) == 2, argv
         assert message in capsys.readouterr().err, argv

@@ -156,11 +156,11 @@ def test_medusa_training_lowers_the_heads_loss(trained_medusa):
     assert last < 0.5 * first, (first, last)
 
 
-@pytest.mark.parametrize("drafter", ["model", "medusa"])
+@pytest.mark.parametrize("drafter", ["model", "anchored", "medusa"])
 def test_speculative_with_a_trained_draft_matches_sde_and_the_lossy_control_is_caught(
         drafter, distilled_draft, trained_medusa):
     gm, ref = _baseline(2)
-    model, draft = (gm, distilled_draft) if drafter == "model" else trained_medusa[:2]
+    model, draft = trained_medusa[:2] if drafter == "medusa" else (gm, distilled_draft)
     g = torch.Generator().manual_seed(2)
     x0 = torch.randn(N_SAMPLES, 2, generator=g, dtype=torch.float64)
     res = build_sampler("speculative", steps=STEPS, drafter=drafter, window=8).sample(model, x0, draft=draft, generator=g)

@@ -124,8 +124,8 @@ def test_draft_equal_to_target_reproduces_sde_sample_for_sample():
     gm = GaussianMixture.default(dim=3)
     x0 = torch.randn(300, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ref = build_sampler("sde", steps=25).sample(gm, x0, generator=torch.Generator().manual_seed(5)).samples
-    for window in (1, 3, 8):
-        res = build_sampler("speculative", steps=25, drafter="model", window=window).sample(
+    for window, drafter in ((1, "model"), (3, "model"), (8, "model"), (3, "anchored"), (8, "anchored")):
+        res = build_sampler("speculative", steps=25, drafter=drafter, window=window).sample(
             gm, x0, draft=gm, generator=torch.Generator().manual_seed(5))
         torch.testing.assert_close(res.samples, ref, rtol=1e-10, atol=1e-10)
         assert res.stats.acceptance_rate > 0.999 and res.stats.rounds == math.ceil(25 / window)
