@@ -30,35 +30,48 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from verifiers import CountingSpeculative, _model  # benchmarks/verifiers.py  # noqa: E402
 
+from specflow.sampling.drafters import DRAFTERS  # noqa: E402
+
 BATCHES, WARMUPS = 9, (1, 2, 4, 8)
 
 
-def cost(s: CountingSpeculative, st, n: int, N: int, lam: float) -> float:
-    return (s.sample_rounds / n + lam * st.total_nfe) / N
+def cost(rounds: float, rows: float, N: int, lam: float) -> float:
+    """The objective per grid step: (a sample's sequential calls + λ·its target rows) / N, mean over samples."""
+    return (rounds + lam * rows) / N
 
 
-def hindsight(name, args, lam):
-    arms = tuple(args.arms)
-    fixed = {w: [] for w in arms}
-    bandit, curve = CountingSpeculative(steps=args.steps, drafter=args.drafter, window="bandit", arms=arms,
-                                        compute_price=lam, policy=args.policy), []
+def _counts(s: CountingSpeculative, st, n: int) -> tuple[float, float]:
+    return s.sample_rounds / n, st.total_nfe
+
+
+def hindsight(name, args):
+    """Every fixed window once per batch (their costs at every λ follow from the same counts) and one bandit per
+    λ learning across the batches; → (D, {λ: (fixed costs per window, [(bandit cost, schedule) per batch])})."""
+    arms, N = tuple(args.arms), args.steps
+    fixed = {w: [] for w in arms}  # per batch: (rounds, rows)
+    bandits = {lam: CountingSpeculative(steps=N, drafter=args.drafter, window="bandit", arms=arms,
+                                        compute_price=lam, policy=args.policy) for lam in args.prices}
+    curves = {lam: [] for lam in args.prices}
     for b in range(BATCHES):
         args.seed = b
         run, D, drafts, _ = _model(name, args)
         if run is None:
             return None
-        draft = drafts.get(args.drafter)
+        kind = DRAFTERS[args.drafter].network
+        draft = drafts.get(kind) if kind else None
+        if kind and draft is None:
+            raise SystemExit(f"drafter {args.drafter!r} needs a {kind!r} draft of {name}, found none")
         for w in arms:
-            s = CountingSpeculative(steps=args.steps, drafter=args.drafter, window=w)
-            _, st = run(s, draft)
-            fixed[w].append(cost(s, st, args.n, args.steps, lam))
-        bandit.sample_rounds = 0.0
-        _, st = run(bandit, draft)
-        learnt = bandit._bandit.schedule()
-        arms_t = "|".join(str(int(learnt[f"bucket{i}/arm"])) if f"bucket{i}/arm" in learnt else "-"
-                          for i in range(bandit.buckets))
-        curve.append((cost(bandit, st, args.n, args.steps, lam), arms_t))
-    return D, fixed, curve
+            s = CountingSpeculative(steps=N, drafter=args.drafter, window=w)
+            fixed[w].append(_counts(s, run(s, draft)[1], args.n))
+        for lam, bandit in bandits.items():
+            bandit.sample_rounds = 0.0
+            _, st = run(bandit, draft)
+            learnt = bandit._bandit.schedule()
+            arms_t = "|".join(str(int(learnt[f"bucket{i}/arm"])) if f"bucket{i}/arm" in learnt else "-"
+                              for i in range(bandit.buckets))
+            curves[lam].append((cost(*_counts(bandit, st, args.n), N, lam), arms_t))
+    return D, {lam: ({w: [cost(*c, N, lam) for c in fixed[w]] for w in arms}, curves[lam]) for lam in args.prices}
 
 
 def table(args):
@@ -69,11 +82,11 @@ def table(args):
             + f" {'ratio@4':>7} {'ratio@8':>7} {'regret':>7}  learnt window per t-bucket (t=0→1)")
     print(head + "\n" + "-" * len(head), flush=True)
     for name in args.models:
-        for lam in args.prices:
-            out = hindsight(name, args, lam)
-            if out is None:
-                break
-            D, fixed, curve = out
+        out = hindsight(name, args)
+        if out is None:
+            continue
+        D, by_price = out
+        for lam, (fixed, curve) in by_price.items():
             mean = {w: sum(c) / len(c) for w, c in fixed.items()}
             best_w = min(mean, key=mean.get)
             best_b = [min(fixed[w][b] for w in fixed) for b in range(BATCHES)]  # per batch, in hindsight

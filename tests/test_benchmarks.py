@@ -78,3 +78,24 @@ def test_ladder_predicted_acceptance_matches_the_measured_and_a_lossy_sampler_is
     lossy = AcceptAll(steps=30, drafter="frozen", window=4)
     st = run(lossy).stats
     assert st.acceptance_rate == 1.0 and st.acceptance_rate - lossy.pred_sum / lossy.count > 0.1
+
+
+def test_bandits_hindsight_prices_the_same_fixed_runs_at_every_lambda(monkeypatch):
+    """benchmarks/bandits.py runs each fixed window once and prices it at every λ: a window of 1 takes one
+    sequential call per step (cost 1 at λ = 0), and the cost grows by exactly λ·rows/N."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    bandits = _load("bandits")
+    args = __import__("argparse").Namespace(models=["toy16"], prices=[0.0, 0.5], arms=[1, 4], drafter="frozen",
+                                            policy="thompson", steps=12, n=16, seed=0)
+    D, by_price = bandits.hindsight("toy16", args)
+    (f0, curve0), (f5, curve5) = by_price[0.0], by_price[0.5]
+    assert D == 16 and len(curve0) == len(curve5) == bandits.BATCHES
+    assert all(abs(c - 1.0) < 1e-12 for c in f0[1]), f0[1]
+    rows = [(b - a) / 0.5 * 12 for a, b in zip(f0[4], f5[4])]  # target rows per sample, recovered
+    args.seed = 3
+    run = bandits._model("toy16", args)[0]
+    s = bandits.CountingSpeculative(steps=12, drafter="frozen", window=4)
+    st = run(s, None)[1]
+    assert abs(rows[3] - st.total_nfe) < 1e-9 and abs(f0[4][3] - s.sample_rounds / 16 / 12) < 1e-12
+    assert len(set(rows)) > 1  # each batch its own noise
+    assert all(0 < c for c, _ in curve5)
