@@ -31,6 +31,7 @@ from speculative import energy_pvalue  # benchmarks/speculative.py  # noqa: E402
 from specflow.data.toy import GaussianMixture  # noqa: E402
 from specflow.sampling import build_sampler  # noqa: E402
 from specflow.sampling.speculative import Speculative  # noqa: E402
+from specflow.sampling.drafters import DRAFTERS  # noqa: E402
 
 RUNS = {"digits": "runs/digits", "fashion14": "runs/fashion14", "fashion": "runs/fashion"}
 
@@ -56,6 +57,9 @@ def main():
     ap.add_argument("--windows", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--drafters", nargs="+", default=["frozen", "extrapolate", "model", "medusa"])
     ap.add_argument("--branches", type=int, default=2)
+    ap.add_argument("--draft-suffix", default="", help="read runs/<model>_draft<suffix>, _medusa<suffix>")
+    ap.add_argument("--verifiers", nargs="+", default=["greedy", "block", "tree"],
+                    help="greedy first: the 'vs greedy' column divides by the first verifier's figure")
     ap.add_argument("-n", type=int, default=1000, help="samples, one batch")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -69,16 +73,17 @@ def main():
         if run is None:
             continue
         for d in args.drafters:
-            if d in ("model", "medusa") and d not in drafts:
+            kind = DRAFTERS[d].network  # the trained draft it reads, if any
+            if kind is not None and kind not in drafts:
                 continue
             for w in args.windows:
                 base = None
-                for v in ("greedy", "block", "tree"):
-                    if v == "tree" and d in ("model", "medusa"):
+                for v in args.verifiers:
+                    if v == "tree" and not DRAFTERS[d].predicts_x1:  # the tree needs an x̂1 drafter
                         continue
                     opts = dict(branches=args.branches) if v == "tree" else {}
                     s = CountingSpeculative(steps=N, drafter=d, window=w, verifier=v, **opts)
-                    x, st = run(s, drafts.get(d))
+                    x, st = run(s, drafts.get(kind))
                     per = N * args.n / s.sample_rounds
                     base = base or per
                     p = f"{energy_pvalue(x, ref):8.3f}" if ref is not None else f"{'-':>8}"
@@ -109,7 +114,8 @@ def _model(name, args):
         return None, 0, {}, None
     target = load_target(tpath, "cpu")
     drafts = {}
-    for kind, folder in (("model", f"{base}_draft"), ("medusa", f"{base}_medusa")):
+    suffix = getattr(args, "draft_suffix", "")
+    for kind, folder in (("model", f"{base}_draft{suffix}"), ("medusa", f"{base}_medusa{suffix}")):
         p = Path(folder) / "checkpoints" / "last.ckpt"
         if p.is_file():
             drafts[kind] = load_draft(p, target)

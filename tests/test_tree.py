@@ -59,6 +59,42 @@ def test_tree_verifier_matches_sde_in_law(dim, options):
     assert_same_law_as_sde(dim, verifier="tree", **options)  # residuals exercised too
 
 
+def test_after_the_branch_point_the_chosen_branch_is_block_verified_as_a_window_of_its_own():
+    """Forcing the steps up to the branch point as kept (weight 1) equals block verification of the sub-window
+    that starts at the chosen state: the same steps kept and the same residual weight, row by row. A residual
+    drawn with weight 1 instead (the greedy rule's) is the mistake the output-law tests are too weak to see."""
+    from specflow.sampling.block import kept_steps
+    g = torch.Generator().manual_seed(0)
+    Lmax, B = 6, 400
+    ell = torch.randn(Lmax, B, generator=g, dtype=torch.float64) * 0.7 - 0.2
+    dist = torch.rand(Lmax, B, generator=g, dtype=torch.float64) * 2
+    log_u = torch.rand(Lmax, B, generator=g, dtype=torch.float64).log()
+    L = torch.randint(1, Lmax + 1, (B,), generator=g)
+    bp = torch.randint(0, 2, (B,), generator=g)
+    none = torch.rand(B, generator=g) < 0.2
+    log_a_none = -torch.rand(B, generator=g, dtype=torch.float64)
+    a, log_a = tree.after_branch_point(ell, dist, log_u, L, bp, none, log_a_none)
+    for b in range(B):
+        Lb, pb = int(L[b]), int(bp[b])
+        if pb >= Lb:
+            assert a[b] == Lb
+            continue
+        if none[b]:
+            assert a[b] == pb and log_a[b] == log_a_none[b]
+            continue
+        n = Lb - pb - 1  # the sub-window after the chosen state
+        if n == 0:
+            assert a[b] == Lb
+            continue
+        sub = slice(pb + 1, Lb)
+        tau, log_p = kept_steps(ell[sub, b:b + 1], dist[sub, b:b + 1], log_u[sub, b:b + 1], torch.tensor([n]),
+                                torch.tensor([False]))
+        assert a[b] == pb + 1 + tau[0], b
+        if tau[0] < n:
+            torch.testing.assert_close(log_a[b], log_p[tau[0], 0])
+    assert ((log_a < 0) & (a < L) & ~none).sum() >= 10  # near misses carried to the residual: the case that matters
+
+
 def test_two_sample_helper_catches_a_tree_without_residual(monkeypatch):
     """LOSSY: a rejected draft kept instead of redrawn from the residual."""
     monkeypatch.setattr(tree, "redraw", lambda y, *_: y)

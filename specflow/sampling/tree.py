@@ -15,9 +15,11 @@ isotropic covariances every p_i (i ≥ 2) has the form (a_i·P − Q)+ / r(a_i),
 computes in closed form: a₂ = 1 and a_{i+1} = a_i / (1 + r(a_i)), and the acceptance ratio is
 (a_i·P/Q − 1)+ / r(a_i). The last residual is drawn in one step by block.py's ``residual_draw``.
 
-After the branch point the round continues along the chosen branch with the paper's step-by-step rule and,
-at a rejection, the residual (P − Q)+. That branch's later drafts were drawn given its chosen state only,
-with noise the choice never read, so they are still exact proposals. Where the round starts with the
+After the branch point the round continues along the chosen branch with block verification (block.py): the
+sub-window from the chosen state is judged as a block, and the state after it drawn from the block's
+residual (p_τ·P − Q)+. That branch's later drafts were drawn given its chosen state only, with noise and
+uniforms the choice never read, so they are still exact proposals, and block verification is exact for any
+window of exact proposals. (It keeps at least as many steps as the step-by-step rule.) Where the round starts with the
 target's own step (its velocity was paid for last round), that step is shared by every branch and the
 branches split at the next one.
 
@@ -34,7 +36,7 @@ from torch import Tensor
 
 from specflow.path import per_sample
 from specflow.sampling import keyed
-from specflow.sampling.block import residual_draw, residual_log_mass, residual_noise, round_noise
+from specflow.sampling.block import kept_steps, residual_draw, residual_log_mass, residual_noise, round_noise
 
 
 def choose_branch(ell: Tensor, dist: Tensor, log_u: Tensor) -> tuple[Tensor, Tensor]:
@@ -62,6 +64,20 @@ def choose_branch(ell: Tensor, dist: Tensor, log_u: Tensor) -> tuple[Tensor, Ten
             log_a = log_a - torch.log1p(log_r.exp())
             log_r = residual_log_mass(log_a, dist)
     return chosen, log_a
+
+
+def after_branch_point(ell: Tensor, dist: Tensor, log_u: Tensor, L: Tensor, bp: Tensor, none: Tensor,
+                       log_a_none: Tensor) -> tuple[Tensor, Tensor]:
+    """(a, log a) along the chosen branch: the steps kept (B,) and the weight of the residual the next state is
+    drawn from where a < L. Steps ≤ bp are kept with weight 1 (ℓ = 0), so block verification judges the
+    sub-window from the chosen state as if it started there; ``none``: every branch was rejected at the branch
+    point, then a = bp and the residual is choose_branch's (a·P − Q)+ with log a = ``log_a_none``.
+    ell, dist, log_u (Lmax, B) along the branch, as block.kept_steps reads them."""
+    jj = torch.arange(ell.shape[0], device=ell.device)[:, None]
+    tau, log_p = kept_steps(torch.where(jj <= bp, 0.0, ell), dist, log_u, L, torch.ones_like(none))
+    a = torch.where(bp >= L, L, torch.where(none, bp, tau))  # bp ≥ L: only the target's own step this round
+    log_a = torch.where(none & (bp < L), log_a_none, log_p.gather(0, a.clamp(max=ell.shape[0])[None])[0])
+    return a, log_a
 
 
 def redraw(y: Tensor, m_hat: Tensor, m: Tensor, c: Tensor, log_a: Tensor, eps: Tensor, w: Tensor) -> Tensor:
@@ -147,16 +163,17 @@ def run_tree(s, f, x: Tensor, grid: Tensor, generator, stats) -> Tensor:
         split = bp < L  # a drafted step exists this round
         chosen = torch.where(split, chosen, 0)
         br = chosen.clamp(max=K - 1)
-        # Along the chosen branch: the paper's rule after the branch point.
-        ok = (log_u[:, br, ar] < ell[:, br, ar]) | (jj[1:] <= bp) | (jj[1:] > L)
-        ok[bpc, ar] = chosen < K
-        a = torch.where(split, torch.minimum(ok.long().cumprod(0).sum(0), L), L)
+        # Along the chosen branch: block verification of the sub-window after the branch point (block.py). Its
+        # steps up to the branch point are kept with weight 1 (ℓ = 0): the sub-window starts at the chosen
+        # state, whose continuation was drafted from it with noise and uniforms the choice never read.
+        mh_b = Y[1:, br, ar] - c_p * eps[:, br, ar]  # (Lmax, B, ...) the draft's means along the branch
+        dist_b = (_sqnorm(mh_b - m[:, br, ar]).sqrt() / Pj[..., 2]).nan_to_num(nan=0.0)
+        a, log_a = after_branch_point(ell[:, br, ar], dist_b, log_u[:, br, ar], L, bp, chosen == K, log_a_all)
         rej = a < L
         jr = a.clamp(max=Lmax - 1)  # the rejected step
         c_r = Pj[jr, ar, 2]
         m_r = m[jr, br, ar]
         mh_r = Y[jr + 1, br, ar] - per_sample(c_r, x) * eps[jr, br, ar]
-        log_a = torch.where((jr == bp) & (chosen == K), log_a_all, 0.0)
         xr = redraw(Y[jr + 1, br, ar], mh_r, m_r, c_r, log_a, *residual_noise(keys, k, N, x))
         xn = torch.where(per_sample(rej, x), xr, Y[L, br, ar])
         Ysel, Vsel = Y[:, br, ar], V[:, br, ar]
