@@ -44,6 +44,15 @@ ACCEL = [  # (label, sampler, options, learns online)
     ("fastflow ab2 mu x3", "fastflow", dict(base="ab2", mu_scale=3.0), True),
 ]
 
+DRAFT_ROWS = [  # with --draft (a small-net draft of the --ckpt target): the leap drafted by the anchored drafter
+    ("sfm ab2 L2 tol.05 anchored", "sfm", dict(leap=2, tol=0.05, base="ab2", drafter="anchored"), False),
+    ("sfm ab2 L4 tol.05 anchored", "sfm", dict(leap=4, tol=0.05, base="ab2", drafter="anchored"), False),
+    ("sfm ab2 L4 tol.2 anchored", "sfm", dict(leap=4, tol=0.2, base="ab2", drafter="anchored"), False),
+    ("sfm ab2 bandit tol.05 anchored", "sfm", dict(leap="bandit", tol=0.05, base="ab2", drafter="anchored"), True),
+    ("rca L2 anchored (lossy)", "rca", dict(leap=2, drafter="anchored"), False),
+    ("rca L4 anchored (lossy)", "rca", dict(leap=4, drafter="anchored"), False),
+]
+
 
 def load_model(name: str, args, guidance: float | None = None):
     """(velocity model, sample shape, dtype, cond maker, is_image); ``guidance`` wraps a checkpoint's net."""
@@ -69,8 +78,8 @@ def load_model(name: str, args, guidance: float | None = None):
     return net, shape, torch.float32, cond, True
 
 
-def timed(sampler, model, x0, cond):
-    res = sampler.sample(model, x0, cond=cond)
+def timed(sampler, model, x0, cond, draft=None):
+    res = sampler.sample(model, x0, cond=cond, draft=draft if sampler.needs_draft else None)
     return res, res.stats.wall_time_s
 
 
@@ -102,7 +111,11 @@ def table(model_name, N, args, guidance=None):
     eN = res_eN.samples
     add(f"euler-{N} (reference)", res_eN, t_eN)
     costs = []
-    for label, name, opts, learns in ACCEL:
+    draft = None
+    if args.draft:  # checked against the target it was trained for (a mismatch is a clear error)
+        from specflow.checkpoint import load_draft, load_target
+        draft = load_draft(args.draft, load_target(model_name, args.device))
+    for label, name, opts, learns in ACCEL + (DRAFT_ROWS if draft is not None else []):
         if args.only and label not in args.only:
             continue
         try:
@@ -113,8 +126,8 @@ def table(model_name, N, args, guidance=None):
         if learns:
             for w in range(args.warmup):
                 xw = torch.randn(args.batch, *shape, generator=g, dtype=dtype).to(args.device)
-                s.sample(model, xw, cond=make_cond(args.batch, g) if make_cond else None)
-        res, _ = timed(s, model, x0, cond)
+                s.sample(model, xw, cond=make_cond(args.batch, g) if make_cond else None, draft=draft)
+        res, _ = timed(s, model, x0, cond, draft)
         add(label, res, t_eN)
         costs.append(res.stats.total_nfe)
     done = set()
@@ -142,6 +155,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--models", nargs="*", default=["toy2", "toy64"], help="toy2 toy64 (none: only --ckpt)")
     p.add_argument("--ckpt", default=None, help="a TargetFlow checkpoint (e.g. the trained digits UNet)")
+    p.add_argument("--draft", default=None, help="a small-net draft of --ckpt: adds the anchored-drafter rows")
     p.add_argument("--guidance", type=float, nargs="+", default=[None],
                    help="classifier-free guidance scales for --ckpt (1 = the conditional model)")
     p.add_argument("--warmup", type=int, default=4, help="batches the online-learning samplers see first")
@@ -150,10 +164,11 @@ def main():
     p.add_argument("--schedules", nargs="+", default=["uniform"], choices=["uniform", "quadratic", "edm"],
                    help="time grids of the ab2/heun rivals (the best in hindsight is the honest rival)")
     p.add_argument("--only", nargs="+", default=None, metavar="LABEL",
-                   help="a subset of the accelerated rows, by label: " + "; ".join(a[0] for a in ACCEL))
+                   help="a subset of the accelerated rows, by label: " + "; ".join(a[0] for a in ACCEL + DRAFT_ROWS))
     args = p.parse_args()
-    if args.only and set(args.only) - {a[0] for a in ACCEL}:
-        p.error(f"unknown --only labels {sorted(set(args.only) - {a[0] for a in ACCEL})}")
+    labels = {a[0] for a in ACCEL + DRAFT_ROWS}
+    if args.only and set(args.only) - labels:
+        p.error(f"unknown --only labels {sorted(set(args.only) - labels)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     for m in args.models:
