@@ -136,6 +136,7 @@ def main():
     ap.add_argument("--prices", type=float, nargs="+", default=[0.0, 0.05, 0.2])
     ap.add_argument("--arms", type=int, nargs="+", default=[2, 4, 8, 16])
     ap.add_argument("--drafter", default="extrapolate")
+    ap.add_argument("--draft-suffix", default="", help="read runs/<model>_draft<suffix> (e.g. _mse)")
     ap.add_argument("--policy", default="thompson", choices=["ucb1", "thompson"])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("-n", type=int, default=256, help="samples per batch")
