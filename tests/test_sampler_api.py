@@ -73,17 +73,18 @@ def test_model_errors_name_the_step_and_t():
 
 
 @pytest.mark.parametrize("options", [dict(drafter="frozen", window=4), dict(drafter="extrapolate", window="bandit"),
-                                     dict(drafter="model", window=3), dict(drafter="frozen", window=6, draft_eta=0.6)])
+                                     dict(drafter="model", window=3), dict(drafter="anchored", window=3),
+                                     dict(drafter="frozen", window=6, draft_eta=0.6)])
 def test_stats_are_the_true_counts(options):
     B = 64
     target, draft = Counting(GM), Counting(lambda x, t: 0.9 * GM(x, t))
+    net = options["drafter"] in ("model", "anchored")
     res = build_sampler("speculative", steps=40, **options).sample(
-        target, _noise(B), draft=draft if options["drafter"] == "model" else None,
-        generator=torch.Generator().manual_seed(0))
+        target, _noise(B), draft=draft if net else None, generator=torch.Generator().manual_seed(0))
     st = res.stats
     assert st.sequential_nfe == target.calls and st.total_nfe == pytest.approx(target.rows / B)
-    assert st.draft_nfe == pytest.approx(draft.rows / B)
-    assert (draft.calls > 0) == (options["drafter"] == "model")
+    assert st.draft_nfe == pytest.approx(draft.rows / B)  # the anchored drafter's anchor rows included
+    assert (draft.calls > 0) == net
     assert st.sequential_nfe <= st.rounds and 0 < st.accepted <= st.proposed
     assert st.acceptance_rate == pytest.approx(st.accepted / st.proposed)
     # each sample takes 40 steps: the target's own steps (after an all-accepted round) are not proposals
@@ -100,14 +101,16 @@ def test_seeded_generator_reproduces(options):
     assert run(3).equal(run(3)) and not run(3).equal(run(4))
 
 
-@pytest.mark.parametrize("options", [dict(drafter="extrapolate", window=4), dict(drafter="frozen", window=8, draft_eta=0.7)])
+@pytest.mark.parametrize("options", [dict(drafter="extrapolate", window=4), dict(drafter="frozen", window=8, draft_eta=0.7),
+                                     dict(drafter="anchored", window=4)])
 def test_per_sample_generators_make_a_sample_independent_of_its_batch(options):
     noise = _noise(40)
     idx = [5, 17, 33]
     s = build_sampler("speculative", steps=30, **options)
-    full = s.sample(GM, noise, generator=per_sample_generators(7, range(40))).samples
-    alone = s.sample(GM, noise[idx], generator=per_sample_generators(7, idx)).samples
-    single = s.sample(GM, noise[5:6], generator=per_sample_generators(7, [5])).samples
+    draft = (lambda x, t: 0.9 * GM(x, t)) if s.needs_draft else None
+    full = s.sample(GM, noise, generator=per_sample_generators(7, range(40)), draft=draft).samples
+    alone = s.sample(GM, noise[idx], generator=per_sample_generators(7, idx), draft=draft).samples
+    single = s.sample(GM, noise[5:6], generator=per_sample_generators(7, [5]), draft=draft).samples
     torch.testing.assert_close(alone, full[idx], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(single, full[5:6], rtol=1e-12, atol=1e-12)
     assert noise.equal(_noise(40))  # the caller's noise is never written to
@@ -147,9 +150,10 @@ def test_conditioning_follows_the_rows_of_ragged_calls():
     cond = torch.arange(30) % 2
     ref = build_sampler("sde", steps=20).sample(model, _noise(30), cond=cond,
                                                 generator=torch.Generator().manual_seed(1)).samples
-    res = build_sampler("speculative", steps=20, drafter="model", window=5).sample(
-        model, _noise(30), cond=cond, draft=model, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(res.samples, ref, rtol=1e-10, atol=1e-10)
+    for drafter in ("model", "anchored"):  # the anchored drafter's anchor rows carry their samples' labels too
+        res = build_sampler("speculative", steps=20, drafter=drafter, window=5).sample(
+            model, _noise(30), cond=cond, draft=model, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(res.samples, ref, rtol=1e-10, atol=1e-10)
     spec = build_sampler("speculative", steps=20, window=5).sample(model, _noise(30), cond=cond).samples
     assert (spec[cond == 1].mean(0) - offset[1]).abs().max() < 1.5  # samples land near their class's data
 

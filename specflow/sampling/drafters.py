@@ -169,10 +169,11 @@ class Anchored(Drafter):
         rows = torch.arange(y.shape[0], device=y.device) if rows is None else rows
         step = j if step is None else step
         seen = self.t[rows] >= 0
-        stale = rows[seen & ~self.fresh[rows]]  # anchors the net has not been evaluated at yet
+        due = seen & ~self.fresh[rows]  # anchors the net has not been evaluated at yet
+        stale = rows[due]
         if stale.numel():
             ta = self.t[stale]
-            va = net(self.x[stale], ta, stale, step=step if isinstance(step, int) else step[seen & ~self.fresh[rows]])
+            va = net(self.x[stale], ta, stale, step=step if isinstance(step, int) else step[due])
             self.offset[stale] = self.x1[stale] - x1_hat(self.x[stale], ta, va)
             self.fresh[stale] = True
         v = net(y, s, rows, step=step)
