@@ -60,7 +60,7 @@ from specflow.sampling.base import Sampler, register
 from specflow.sampling.drafters import DRAFTERS, make_drafter
 from specflow.sampling.graphs import for_tensor as graphs_for
 from specflow.sampling.opcount import host_side
-from specflow.sampling.solvers import check_base
+from specflow.sampling.solvers import ab2_weights, check_base
 
 
 def _norm(x: Tensor) -> Tensor:
@@ -74,8 +74,10 @@ def _euler(y, v, k, h, d=None, m=None, d_out=None, pos=None):
 def _ab2(y, v, k, h, d, m, d_out=None, pos=None):
     """One variable-step AB2 step per row from grid index k with velocity v and the row's previous one d
     (Euler at k = 0); then d ← v where m (the rows that took the step; ``d_out``[pos] when d is a gathered copy)."""
-    r = torch.where(k > 0, h[k] / h[(k - 1).clamp(min=0)], torch.zeros_like(h[k]))
-    out = y + per_sample(h[k], y) * (per_sample(1 + r / 2, y) * v - per_sample(r / 2, y) * d)
+    w, w_prev = ab2_weights(h[k], h[(k - 1).clamp(min=0)])
+    first = k == 0  # Euler
+    w, w_prev = torch.where(first, 1.0, w), torch.where(first, 0.0, w_prev)
+    out = y + per_sample(h[k], y) * (per_sample(w, y) * v + per_sample(w_prev, y) * d)
     if d_out is None:
         d.copy_(torch.where(per_sample(m, d), v, d))
     else:

@@ -61,6 +61,13 @@ def check_base(base) -> str:
     return base
 
 
+def ab2_weights(h, h_prev):
+    """Variable-step Adams–Bashforth 2: x_{k+1} = x_k + h·(w·d_k + w_prev·d_{k−1}) with r = h/h_prev; → (w, w_prev).
+    Floats or tensors (the one place the formula is written: ab2, base_step and sfm's per-row steps use it)."""
+    r = h / h_prev
+    return 1 + r / 2, -r / 2
+
+
 def base_step(base: str, g: list[float]):
     """The step the deterministic accelerators build on, as a closure step(x, d, k) → x_{k+1} over the host grid
     ``g``: Euler, or variable-step Adams–Bashforth 2 with the previous call's d (whatever step it was: real
@@ -75,8 +82,8 @@ def base_step(base: str, g: list[float]):
         if prev is None or prev[0] != k - 1:
             out = x + h * d
         else:
-            r = h / (g[k] - g[k - 1])
-            out = x + h * ((1 + r / 2) * d - (r / 2) * prev[1])
+            w, w_prev = ab2_weights(h, g[k] - g[k - 1])
+            out = x + h * (w * d + w_prev * prev[1])
         prev = (k, d.clone())  # a copy: the model may write its next output into d's buffer
         return out
     return step
@@ -92,13 +99,13 @@ class AB2(Sampler):
 
     def _run(self, f, x, grid, draft, generator, stats):
         t, h = grid.to(x.device, x.dtype), grid.diff().tolist()
-        r = [0.0] + [h[k] / h[k - 1] for k in range(1, self.steps)]  # r = 0: the first step is Euler
-        base = x  # x_k − h_k·r_k/2·d_{k−1}: the previous velocity's share, added before the next call
+        w = [(1.0, 0.0)] + [ab2_weights(h[k], h[k - 1]) for k in range(1, self.steps)]  # the first step is Euler
+        base = x  # x_k + h_k·w_prev·d_{k−1}: the previous velocity's share, added before the next call
         for k in range(self.steps):
             d_cur = f(x, t[k], step=k)
-            x = base.add(d_cur, alpha=h[k] * (1 + r[k] / 2))
+            x = base.add(d_cur, alpha=h[k] * w[k][0])
             if k + 1 < self.steps:
-                base = x.add(d_cur, alpha=-h[k + 1] * r[k + 1] / 2)
+                base = x.add(d_cur, alpha=h[k + 1] * w[k + 1][1])
         return x
 
 
