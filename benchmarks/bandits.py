@@ -67,7 +67,7 @@ def hindsight(name, args):
         for lam, bandit in bandits.items():
             bandit.sample_rounds = 0.0
             _, st = run(bandit, draft)
-            learnt = bandit._bandit.schedule()
+            learnt = bandit.bandit.schedule()
             arms_t = "|".join(str(int(learnt[f"bucket{i}/arm"])) if f"bucket{i}/arm" in learnt else "-"
                               for i in range(bandit.buckets))
             curves[lam].append((cost(*_counts(bandit, st, args.n), N, lam), arms_t))

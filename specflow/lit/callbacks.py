@@ -279,7 +279,7 @@ class SamplingEvaluation(pl.Callback):
 
 def _bandit_schedule(sampler: Sampler) -> dict[str, float]:
     """Per time bucket: the arm the sampler's bandit prefers now and its mean reward (none: {})."""
-    bandit = getattr(sampler, "bandit", None) or getattr(sampler, "_bandit", None)
+    bandit = getattr(sampler, "bandit", None)
     return bandit.schedule() if bandit is not None else {}
 
 

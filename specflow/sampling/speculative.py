@@ -144,7 +144,7 @@ class Speculative(Sampler):
             raise ValueError(f"compile=True fuses the x̂1-drafter round with reflection coupling: use drafter "
                              f"'frozen' or 'extrapolate' with draft_eta=None (got drafter={self.drafter!r}, "
                              f"draft_eta={self.draft_eta}), or compile=False")
-        self._bandit = (Bandit(self.arms, self.buckets, self.policy, self.seed)
+        self.bandit = (Bandit(self.arms, self.buckets, self.policy, self.seed)
                         if self.window == "bandit" else None)
 
     @property
@@ -160,15 +160,15 @@ class Speculative(Sampler):
         return getattr(DRAFTERS[self.drafter], "needs_features", False)
 
     def state_dict(self) -> dict:
-        if self._bandit is None:
+        if self.bandit is None:
             return {}
-        return {"bandit": self._bandit.state_dict(), "objective": self._objective()}
+        return {"bandit": self.bandit.state_dict(), "objective": self._objective()}
 
     def _objective(self) -> dict:
         return {"reward": "window_reward", "compute_price": self.compute_price}
 
     def load_state_dict(self, state: dict) -> None:
-        if self._bandit is None or set(state) - {"bandit", "objective"}:
+        if self.bandit is None or set(state) - {"bandit", "objective"}:
             return super().load_state_dict(state)
         theirs = state.get("objective", {"reward": "window_reward", "compute_price": 0.0})  # older states: λ = 0
         if theirs != self._objective():
@@ -176,7 +176,7 @@ class Speculative(Sampler):
                              f"{self._objective()}: its rewards are in other units; build the sampler with "
                              f"compute_price={theirs.get('compute_price')}, or start without the saved state")
         if "bandit" in state:
-            self._bandit.load_state_dict(state["bandit"])
+            self.bandit.load_state_dict(state["bandit"])
 
     def _check_verifier(self):
         v = self.verifier
@@ -232,8 +232,8 @@ class Speculative(Sampler):
         drafter.reset(x)
         c = _Chain(x=x.clone(), v=torch.zeros_like(x), k=torch.zeros(B, dtype=torch.long, device=dev),
                    known=torch.zeros(B, dtype=torch.bool, device=dev),
-                   W=torch.full((B,), self.window if self._bandit is None else 1, dtype=torch.long, device=dev))
-        jj_cpu = torch.arange((max(self.arms) if self._bandit is not None else self.window) + 1)[:, None]
+                   W=torch.full((B,), self.window if self.bandit is None else 1, dtype=torch.long, device=dev))
+        jj_cpu = torch.arange((max(self.arms) if self.bandit is not None else self.window) + 1)[:, None]
         jj = jj_cpu.to(dev)
         graphs = graphs_for(x, self.cuda_graphs and drafter.predicts_x1 and self.draft_eta is None
                             and not block)
@@ -242,10 +242,10 @@ class Speculative(Sampler):
         played = None
         while True:
             k, known, counts = f.fetch(c.k, c.known, c.counts)  # the round's one host sync
-            if self._bandit is not None:
+            if self.bandit is not None:
                 W, played = self._play_bandit(k, known, grid, arms, played)
                 c.W.copy_(W, non_blocking=True)  # pageable → device: staged at once, no wait on the device
-            p = _Plan(N, k, known, W if self._bandit is not None else self.window, jj_cpu, self.row_bucket)
+            p = _Plan(N, k, known, W if self.bandit is not None else self.window, jj_cpu, self.row_bucket)
             if p.Lmax == 0:  # every sample is at t = 1
                 break
             idx = p.rows.to(dev, non_blocking=True)  # uploaded now, while the device is idle
@@ -254,7 +254,7 @@ class Speculative(Sampler):
             graphs(("settle", p.Lmax), lambda: settle(self, c, r, jj, drafter, keys), group=p.Lmax)
             stats.rounds += 1
         stats.proposed, stats.accepted = counts.tolist()
-        if self._bandit is not None:
+        if self.bandit is not None:
             stats.arm_counts = dict(zip(self.arms, arms.tolist()))
         return c.x
 
@@ -266,12 +266,12 @@ class Speculative(Sampler):
         if played is not None:
             ctx, W, k0, rows = played
             fits = W <= N - k0  # an arm clamped at the end of the grid (or a finished sample): no credit
-            self._bandit.update(ctx[fits], W[fits], window_reward((k - k0)[fits], rows[fits], self.compute_price))
+            self.bandit.update(ctx[fits], W[fits], window_reward((k - k0)[fits], rows[fits], self.compute_price))
         if not bool((k < N).any()):  # all done: no choice to make (a Thompson choice would draw)
             return torch.zeros_like(k), None
         ctx = time_bucket(grid[k], self.buckets)
-        W = self._bandit.select(ctx, limit=N - k)
-        arms += torch.bincount(self._bandit.index(W[k < N]), minlength=len(arms))
+        W = self.bandit.select(ctx, limit=N - k)
+        arms += torch.bincount(self.bandit.index(W[k < N]), minlength=len(arms))
         L = torch.minimum(W, N - k)
         rows = torch.where(k + L < N, L, L - 1) + 1 - known.long()  # this round's target rows per sample (_Plan)
         return W, (ctx, W, k, rows)

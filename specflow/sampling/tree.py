@@ -106,7 +106,7 @@ def run_tree(s, f, x: Tensor, grid: Tensor, generator, stats) -> Tensor:
     ar = torch.arange(B, device=dev)
     while True:
         k_h, known_h, _ = f.fetch(k, known, counts)
-        if s._bandit is not None:
+        if s.bandit is not None:
             W, played = s._play_bandit(k_h, known_h, grid, arms, played)
         else:
             W = torch.full((B,), s.window, dtype=torch.long)
@@ -187,6 +187,6 @@ def run_tree(s, f, x: Tensor, grid: Tensor, generator, stats) -> Tensor:
         known = ~rej & (k < N)
         stats.rounds += 1
     stats.proposed, stats.accepted = counts.tolist()
-    if s._bandit is not None:
+    if s.bandit is not None:
         stats.arm_counts = dict(zip(s.arms, arms.tolist()))
     return xk
