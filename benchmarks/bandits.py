@@ -70,7 +70,7 @@ def hindsight(name, args):
             learnt = bandit.bandit.schedule()
             arms_t = "|".join(str(int(learnt[f"bucket{i}/arm"])) if f"bucket{i}/arm" in learnt else "-"
                               for i in range(bandit.buckets))
-            curves[lam].append((cost(*_counts(bandit, st, args.n), N, lam), arms_t))
+            curves[lam].append((cost(*_counts(bandit, st, args.n), N, lam), arms_t, learnt))
     return D, {lam: ({w: [cost(*c, N, lam) for c in fixed[w]] for w in arms}, curves[lam]) for lam in args.prices}
 
 
@@ -86,6 +86,8 @@ def table(args):
         if out is None:
             continue
         D, by_price = out
+        if args.plot:
+            plot(name, by_price, Path(args.plot) / f"bandit_{name}.png")
         for lam, (fixed, curve) in by_price.items():
             mean = {w: sum(c) / len(c) for w, c in fixed.items()}
             best_w = min(mean, key=mean.get)
@@ -95,6 +97,45 @@ def table(args):
             print(f"{name:>8} {D:4d} {lam:5.2f} " + " ".join(f"{mean[w]:6.3f}" for w in args.arms)
                   + f" {'W=' + str(best_w):>6} " + " ".join(f"{curve[k][0]:8.3f}" for k in WARMUPS)
                   + f" {ratio[4]:7.3f} {ratio[8]:7.3f} {regret:7.3f}  {curve[-1][1]}", flush=True)
+
+
+def plot(name: str, by_price: dict, path: Path) -> None:
+    """Regret per batch (bandit − best fixed window on that batch) and the learnt schedule after the last batch
+    (per time bucket: the window chosen, annotated with its mean reward), one line per λ."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from e
+    fig, (ax_r, ax_s) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for lam, (fixed, curve) in by_price.items():
+        best = [min(fixed[w][b] for w in fixed) for b in range(len(curve))]
+        ax_r.plot(range(len(curve)), [c[0] - b for c, b in zip(curve, best)], marker="o", label=f"λ = {lam:g}")
+        learnt = curve[-1][2]
+        buckets = sorted(int(k[6:].split("/")[0]) for k in learnt if k.endswith("/arm"))
+        arms = [learnt[f"bucket{i}/arm"] for i in buckets]
+        line, = ax_s.step(buckets, arms, where="mid", marker="s", label=f"λ = {lam:g}")
+        for i, a in zip(buckets, arms):
+            ax_s.annotate(f"{learnt[f'bucket{i}/reward']:.2f}", (i, a), textcoords="offset points", xytext=(0, 5),
+                          ha="center", fontsize=7, color=line.get_color())
+    ax_r.axhline(0, color="grey", lw=0.8)
+    ax_r.set(xlabel="batch", ylabel="cost − best fixed (per step)", title=f"{name}: regret per batch")
+    ax_s.set(xlabel="time bucket (t = 0 → 1)", ylabel="window chosen", yscale="log", title="learnt schedule "
+             "(mean reward annotated)")
+    ax_s.set_yticks(sorted({w for _, (fixed, _) in by_price.items() for w in fixed}))
+    ax_s.get_yaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax_s.minorticks_off()
+    ax_s.set_xticks(range(max(len(c[-1][2]) // 2 for _, c in by_price.values())))
+    for ax in (ax_r, ax_s):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")  # written whole or not at all
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    plt.close(fig)
+    print(f"plot: {path}")
 
 
 def price(args):
@@ -141,6 +182,8 @@ def main():
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("-n", type=int, default=256, help="samples per batch")
     ap.add_argument("--price", action="store_true", help="measure the λ this machine implies instead")
+    ap.add_argument("--plot", default=None, metavar="DIR", help="also write DIR/bandit_<model>.png: regret per "
+                    "batch and the learnt schedule (needs matplotlib)")
     ap.add_argument("--configs", nargs="+", default=["configs/digits.yaml", "configs/fashion.yaml"])
     ap.add_argument("--price-batches", type=int, nargs="+", default=[1, 8, 64])
     args = ap.parse_args()

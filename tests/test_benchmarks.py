@@ -4,6 +4,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from specflow.data.toy import GaussianMixture
@@ -98,4 +99,17 @@ def test_bandits_hindsight_prices_the_same_fixed_runs_at_every_lambda(monkeypatc
     st = run(s, None)[1]
     assert abs(rows[3] - st.total_nfe) < 1e-9 and abs(f0[4][3] - s.sample_rounds / 16 / 12) < 1e-12
     assert len(set(rows)) > 1  # each batch its own noise
-    assert all(0 < c for c, _ in curve5)
+    assert all(0 < c for c, *_ in curve5)
+
+
+def test_bandits_plot_is_written_whole(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    monkeypatch.syspath_prepend(str(ROOT))
+    bandits = _load("bandits")
+    args = __import__("argparse").Namespace(models=["toy16"], prices=[0.0, 0.2], arms=[2, 4], drafter="frozen",
+                                            policy="thompson", steps=12, n=8, seed=0)
+    _, by_price = bandits.hindsight("toy16", args)
+    out = tmp_path / "plots" / "bandit_toy16.png"
+    bandits.plot("toy16", by_price, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert [p.name for p in out.parent.iterdir()] == ["bandit_toy16.png"]  # no temporary file left
