@@ -32,9 +32,9 @@ import torch
 from drafts import flops  # benchmarks/drafts.py
 from specflow.checkpoint import load_draft, load_target
 from specflow.generate import generate, sample_shape
+from specflow.sampling.drafters import DRAFTERS
 from specflow.sampling.speculative import Speculative, _sqnorm
 
-NETWORK = {"model": "model", "anchored": "model", "medusa": "medusa"}  # drafter → the trained draft it reads
 RUNGS = {"digits": "runs/digits", "fashion14": "runs/fashion14", "fashion": "runs/fashion"}
 
 
@@ -125,7 +125,7 @@ def main():
                                    t_src=t, x1_src=x)) / f_t
         for N in args.steps:
             for d in args.drafters:
-                net = NETWORK.get(d)  # the trained draft a drafter reads, if any
+                net = DRAFTERS[d].network  # the trained draft a drafter reads, if any
                 if net is not None and net not in drafts:
                     continue
                 for w in args.windows:

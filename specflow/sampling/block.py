@@ -73,6 +73,13 @@ def kept_steps(ell: Tensor, dist: Tensor, log_eta: Tensor, L: Tensor, ex: Tensor
     return tau, log_p
 
 
+def draft_distance(delta: Tensor, c: Tensor) -> Tensor:
+    """d_j = ‖m̂_j − m_j‖/c_j per (step, sample) of a (steps, samples, ...) δ = m̂ − m, as kept_steps reads it:
+    inf at c = 0 with m̂ ≠ m, 0 where m̂ = m exactly."""
+    a = delta.flatten(2)
+    return (torch.linalg.vecdot(a, a).sqrt() / c).nan_to_num(nan=0.0)
+
+
 def residual_log_mass(log_a: Tensor, d: Tensor) -> Tensor:
     """log ∫ (a·N(d, 1) − N(0, 1))+ du per element (the residual's mass; −inf where there is none)."""
     point = torch.isinf(d)  # c = 0 and m̂ ≠ m: the residual is a·δ_m

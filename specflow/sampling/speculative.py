@@ -33,7 +33,7 @@ from torch import Tensor
 from specflow.path import per_sample, transition_coefficients
 from specflow.sampling import keyed
 from specflow.sampling.bandit import POLICIES, Bandit, check_arms, check_price, time_bucket, window_reward
-from specflow.sampling.block import kept_steps, residual_draw, residual_noise, round_noise
+from specflow.sampling.block import draft_distance, kept_steps, residual_draw, residual_noise, round_noise
 from specflow.sampling.base import Sampler, register
 from specflow.sampling.coupling import IsoGaussian, log_acceptance, reflect, residual_sample
 from specflow.sampling.drafters import DRAFTERS, make_drafter
@@ -368,8 +368,7 @@ class Speculative(Sampler):
                                  IsoGaussian(r.Y[1:] - per_sample(r.Ch, r.Y[0]) * r.eps, r.Ch))
         if self.verifier == "block":  # δ = m̂ − m = (y − m) − c·ε; its length in noise units (inf: c = 0)
             c = r.P[..., 2]
-            dist = (_sqnorm(d - per_sample(c, r.Y[0]) * r.eps).sqrt() / c).nan_to_num(nan=0.0)
-            tau, r.log_p = kept_steps(ell, dist, r.log_u, L, ex)
+            tau, r.log_p = kept_steps(ell, draft_distance(d - per_sample(c, r.Y[0]) * r.eps, c), r.log_u, L, ex)
             return tau
         ok = r.log_u < ell  # strict: u = 0 never accepts a zero ratio
         ok |= jj[1:r.Y.shape[0]] > L  # padding

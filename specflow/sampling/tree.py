@@ -36,7 +36,8 @@ from torch import Tensor
 
 from specflow.path import per_sample
 from specflow.sampling import keyed
-from specflow.sampling.block import kept_steps, residual_draw, residual_log_mass, residual_noise, round_noise
+from specflow.sampling.block import (draft_distance, kept_steps, residual_draw, residual_log_mass, residual_noise,
+                                    round_noise)
 
 
 def choose_branch(ell: Tensor, dist: Tensor, log_u: Tensor) -> tuple[Tensor, Tensor]:
@@ -167,14 +168,13 @@ def run_tree(s, f, x: Tensor, grid: Tensor, generator, stats) -> Tensor:
         # steps up to the branch point are kept with weight 1 (ℓ = 0): the sub-window starts at the chosen
         # state, whose continuation was drafted from it with noise and uniforms the choice never read.
         mh_b = Y[1:, br, ar] - c_p * eps[:, br, ar]  # (Lmax, B, ...) the draft's means along the branch
-        dist_b = (_sqnorm(mh_b - m[:, br, ar]).sqrt() / Pj[..., 2]).nan_to_num(nan=0.0)
+        dist_b = draft_distance(mh_b - m[:, br, ar], Pj[..., 2])
         a, log_a = after_branch_point(ell[:, br, ar], dist_b, log_u[:, br, ar], L, bp, chosen == K, log_a_all)
         rej = a < L
         jr = a.clamp(max=Lmax - 1)  # the rejected step
         c_r = Pj[jr, ar, 2]
         m_r = m[jr, br, ar]
-        mh_r = Y[jr + 1, br, ar] - per_sample(c_r, x) * eps[jr, br, ar]
-        xr = redraw(Y[jr + 1, br, ar], mh_r, m_r, c_r, log_a, *residual_noise(keys, k, N, x))
+        xr = redraw(Y[jr + 1, br, ar], mh_b[jr, ar], m_r, c_r, log_a, *residual_noise(keys, k, N, x))
         xn = torch.where(per_sample(rej, x), xr, Y[L, br, ar])
         Ysel, Vsel = Y[:, br, ar], V[:, br, ar]
         r = _Round(Y=Ysel, T=T, P=Pj, Ch=Pj[..., 2], eps=None, eps_sq=None, log_u=None, ar=ar, V=Vsel)
