@@ -47,6 +47,21 @@ ACCEL = [  # (label, sampler, options, learns online)
     ("fastflow ab2 mu x3", "fastflow", dict(base="ab2", mu_scale=3.0), True),
 ]
 
+FRONT_TOLS = (0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+def front_rows(tols=FRONT_TOLS):
+    """``--front``: sfm (base ab2) with each fixed leap and with the leap bandit (calls only, μ = 0; and error-
+    priced, μ calibrated) at every tol — the error/NFE front of each policy, which tol sweeps."""
+    rows = []
+    for tol in tols:
+        t = f"tol{tol:g}".replace("0.", ".")
+        rows += [(f"front sfm ab2 L{L} {t}", "sfm", dict(leap=L, tol=tol, base="ab2"), False) for L in (2, 4, 8)]
+        rows += [(f"front sfm ab2 bandit mu0 {t}", "sfm", dict(leap="bandit", tol=tol, base="ab2", mu=0.0), True),
+                 (f"front sfm ab2 bandit {t}", "sfm", dict(leap="bandit", tol=tol, base="ab2"), True)]
+    return rows
+
+
 DRAFT_ROWS = [  # with --draft (a small-net draft of the --ckpt target): the leap drafted by the anchored drafter
     ("sfm ab2 L2 tol.05 anchored", "sfm", dict(leap=2, tol=0.05, base="ab2", drafter="anchored"), False),
     ("sfm ab2 L4 tol.05 anchored", "sfm", dict(leap=4, tol=0.05, base="ab2", drafter="anchored"), False),
@@ -100,10 +115,11 @@ def table(model_name, N, args, guidance=None):
     x0 = torch.randn(args.batch, *shape, generator=g, dtype=dtype).to(args.device)
     cond = make_cond(args.batch, g) if make_cond else None
     fine = build_sampler("heun", steps=4 * N).sample(model, x0, cond=cond).samples
-    rows = []
+    rows, measured = [], {}  # measured: label → (total NFE, relative error vs the fine reference)
 
     def add(label, res, ref_time):
         s = res.stats
+        measured[label] = (s.total_nfe, float((res.samples - fine).norm() / fine.norm()))
         acc = "" if math.isnan(s.acceptance_rate) else f"{s.acceptance_rate:.2f}"
         rows.append((label, f"{s.total_nfe:.1f}", str(s.sequential_nfe), acc, error(res.samples, eN, image),
                      error(res.samples, fine, image), f"{s.wall_time_s / ref_time:.2f}"))
@@ -118,7 +134,7 @@ def table(model_name, N, args, guidance=None):
     if args.draft:  # checked against the target it was trained for (a mismatch is a clear error)
         from specflow.checkpoint import load_draft, load_target
         draft = load_draft(args.draft, load_target(model_name, args.device))
-    for label, name, opts, learns in ACCEL + (DRAFT_ROWS if draft is not None else []):
+    for label, name, opts, learns in (front_rows() if args.front else ACCEL + (DRAFT_ROWS if draft is not None else [])):
         if args.only and label not in args.only:
             continue
         try:
@@ -135,7 +151,9 @@ def table(model_name, N, args, guidance=None):
         costs.append(res.stats.total_nfe)
     done = set()
     for c in sorted(costs):
-        for name, M in (("euler", round(c)), ("ab2", round(c)), ("heun", max(1, round(c / 2)))):
+        rivals = (("ab2", round(c)),) if args.front else (("euler", round(c)), ("ab2", round(c)),
+                                                           ("heun", max(1, round(c / 2))))
+        for name, M in rivals:
             for sched in args.schedules:
                 if (name, M, sched) in done or M < 1 or (name == "euler" and sched != "uniform"):
                     continue
@@ -149,6 +167,49 @@ def table(model_name, N, args, guidance=None):
     print(f"\n### {model_name}{gs}, N = {N}, batch {args.batch}, {args.device}, dtype {str(dtype)[6:]}")
     for r in [head] + rows:
         print("  ".join(str(v).ljust(w[i]) for i, v in enumerate(r)))
+    if args.front:
+        print_front(measured)
+
+
+def front_nfe(points, err):
+    """The NFE a policy's front needs for ``err``: its Pareto points (no other point both cheaper and more
+    accurate) joined linearly in log error; a bandit must beat that. None outside the front's error range
+    (error is not monotone in tol, so the points are not joined in tol order)."""
+    pareto, best = [], math.inf
+    for n, e in sorted(points):  # by NFE; keep a point only if it is more accurate than every cheaper one
+        if e < best:
+            pareto.append((n, e))
+            best = e
+    le = math.log(err)
+    for (n0, e0), (n1, e1) in zip(pareto, pareto[1:]):
+        if math.log(e1) <= le <= math.log(e0):
+            return n0 + (n1 - n0) * (math.log(e0) - le) / (math.log(e0) - math.log(e1))
+    if pareto and err >= pareto[0][1]:  # as inaccurate as its cheapest point, or worse: that point's cost
+        return pareto[0][0]
+    return None
+
+
+def print_front(measured):
+    """Each bandit point against the best fixed leap's front at its error (``--front``): the goal is a ratio
+    NFE / front NFE ≤ 1 — as few calls per step as the best fixed leap at equal error. The plain ab2 rival's
+    front (one per grid) is shown beside them."""
+    fixed = {}
+    for label, (n, e) in measured.items():
+        if label.startswith("front sfm ab2 L"):
+            fixed.setdefault(label.split()[3], []).append((n, e))
+        elif label.strip().startswith("ab2-"):  # the plain rival, one front per grid
+            fixed.setdefault(" ".join(["ab2"] + label.split()[1:]), []).append((n, e))
+    print("\nbandit point vs the fixed leaps' fronts at equal error (each front: its Pareto points over tol, "
+          "NFE interpolated in log error)")
+    for label, (n, e) in measured.items():
+        if "bandit" not in label:
+            continue
+        at = {L: front_nfe(p, e) for L, p in fixed.items()}
+        leaps = [(v, L) for L, v in at.items() if v is not None and L.startswith("L")]
+        best = min(leaps) if leaps else None
+        fronts = "  ".join(f"{L} {v:.1f}" if v is not None else f"{L} –" for L, v in sorted(at.items()))
+        verdict = "outside every front" if best is None else f"best {best[1]}: ratio {n / best[0]:.3f}"
+        print(f"  {label:32s} NFE {n:5.1f} err {e:.2e} | fronts: {fronts} | {verdict}")
 
 
 def main():
@@ -166,10 +227,13 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
     p.add_argument("--schedules", nargs="+", default=["uniform"], choices=["uniform", "quadratic", "edm"],
                    help="time grids of the ab2/heun rivals (the best in hindsight is the honest rival)")
+    p.add_argument("--front", action="store_true",
+                   help="sfm's fixed leaps and leap bandits over tol " + ", ".join(map(str, FRONT_TOLS))
+                   + ": each bandit point against the fixed leaps' error/NFE fronts")
     p.add_argument("--only", nargs="+", default=None, metavar="LABEL",
                    help="a subset of the accelerated rows, by label: " + "; ".join(a[0] for a in ACCEL + DRAFT_ROWS))
     args = p.parse_args()
-    labels = {a[0] for a in ACCEL + DRAFT_ROWS}
+    labels = {a[0] for a in ACCEL + DRAFT_ROWS + front_rows()}
     if args.only and set(args.only) - labels:
         p.error(f"unknown --only labels {sorted(set(args.only) - labels)}")
     if args.threads:

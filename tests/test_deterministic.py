@@ -23,10 +23,10 @@ def rel(a, b):
 
 
 
-@pytest.mark.parametrize("leap", [4, "bandit"])
-def test_sfm_with_zero_tolerance_is_euler(leap):
+@pytest.mark.parametrize("opts", [dict(leap=4), dict(leap="bandit", mu=0.0), dict(leap="bandit", mu=1e3)], ids=str)
+def test_sfm_with_zero_tolerance_is_euler(opts):
     x0 = noise()
-    res = run("sfm", 20, x0, leap=leap, tol=1e-12)
+    res = run("sfm", 20, x0, tol=1e-12, **opts)
     assert torch.allclose(res.samples, run("euler", 20, x0).samples, atol=1e-10, rtol=0)
     assert res.stats.accepted == 0 and res.stats.proposed > 0  # every leap was checked and rejected
 
@@ -109,7 +109,8 @@ def test_fastflow_learns_to_skip_accurately():
     assert res.stats.total_nfe <= 25 and psnr >= 30, (res.stats.total_nfe, float(psnr))
 
 
-@pytest.mark.parametrize("name,opts", [("sfm", dict(leap=2, tol=0.05)), ("sfm", dict(leap="bandit", arms=(1, 2))),
+@pytest.mark.parametrize("name,opts", [("sfm", dict(leap=2, tol=0.05)), ("sfm", dict(leap="bandit", arms=(1, 2), mu=0.0)),
+                                       ("sfm", dict(leap="bandit", arms=(1, 2), mu=1e3)),
                                        ("rca", dict(leap=3)), ("fastflow", dict(mu=1e-3))])
 def test_nfe_matches_a_counting_wrapper(name, opts):
     x0 = noise(32)
@@ -215,3 +216,58 @@ def test_sfm_base_is_checked():
         build_sampler("sfm", leap="bandit").load_state_dict(learnt)
     with pytest.raises(ValueError, match="unknown option"):
         build_sampler("rca", base="ab2")  # rca keeps its own trapezoid
+
+
+# ------------------------------------------------------------------------------ sfm's leap bandit prices error
+def test_sfm_bandit_calibrates_mu_on_a_plain_base_batch():
+    """The first batch calibrates μ: base steps only (ab2-N exactly), then the bandit leaps."""
+    gm = GaussianMixture.default(dim=16)
+    x0 = torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    s = build_sampler("sfm", steps=30, leap="bandit", tol=0.1, base="ab2")
+    first = s.sample(gm, x0)
+    assert (first.samples - build_sampler("ab2", steps=30).sample(gm, x0).samples).abs().max() < 1e-12
+    assert set(first.stats.arm_counts) == {1} and s.mu_ > 0
+    mu = s.mu_
+    second = s.sample(gm, x0)
+    assert second.stats.total_nfe < 30 and s.mu_ == mu  # it leaps now; μ stays
+
+
+def _priced_run(**opts):
+    gm = GaussianMixture.default(dim=64)
+    g = torch.Generator().manual_seed(1)
+    s = build_sampler("sfm", steps=50, leap="bandit", tol=0.2, base="ab2", **opts)
+    for _ in range(3):
+        s.sample(gm, torch.randn(128, 64, dtype=torch.float64, generator=g))
+    x0 = torch.randn(128, 64, dtype=torch.float64, generator=g)
+    res = s.sample(gm, x0)
+    ref = build_sampler("heun", steps=200).sample(gm, x0).samples
+    mean_leap = sum(L * n for L, n in res.stats.arm_counts.items()) / sum(res.stats.arm_counts.values())
+    return mean_leap, rel(res.samples, ref)
+
+
+def test_sfm_bandit_error_price_buys_accuracy_with_shorter_leaps():
+    """A high price of error makes the bandit choose shorter leaps and leave less error than calls alone (μ = 0,
+    the control: a reward that ignored e would give the same choices)."""
+    calls_leap, calls_err = _priced_run(mu=0.0)
+    priced_leap, priced_err = _priced_run(mu_scale=10.0)
+    assert priced_leap < 0.8 * calls_leap and priced_err < 0.7 * calls_err, (calls_leap, calls_err, priced_leap,
+                                                                              priced_err)
+
+
+@pytest.mark.parametrize("opts,match", [(dict(mu=-1.0), "mu"), (dict(mu=float("nan")), "mu"), (dict(mu="high"), "mu"),
+                                        (dict(mu_scale=0), "mu_scale"), (dict(mu_scale=-2.0), "mu_scale")])
+def test_sfm_error_price_is_checked(opts, match):
+    with pytest.raises(ValueError, match=match):
+        build_sampler("sfm", steps=20, leap="bandit", **opts)
+
+
+def test_sfm_state_for_another_objective_is_an_error():
+    learnt = build_sampler("sfm", steps=20, leap="bandit", mu=0.0).state_dict()
+    with pytest.raises(ValueError, match="mu=0.0"):
+        build_sampler("sfm", steps=20, leap="bandit", mu=5.0).load_state_dict(learnt)
+    old = {k: v for k, v in learnt.items() if k != "mu"}  # saved before the objective priced error
+    with pytest.raises(ValueError, match="calls only"):
+        build_sampler("sfm", steps=20, leap="bandit").load_state_dict(old)
+    calibrated = build_sampler("sfm", steps=20, leap="bandit")  # mu=None takes the state's μ
+    calibrated.load_state_dict(learnt)
+    assert calibrated.mu_ == 0.0

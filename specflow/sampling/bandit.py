@@ -23,7 +23,9 @@ Objectives, one per sampler, each paying for what the user pays for (the bandit 
   λ = ``compute_price`` ≥ 0; reward = steps advanced / cost. λ = 0 is latency alone, λ = 1 prices a row
   like a call (compute alone, when calls are not batched); benchmarks/bandits.py measures what λ a device's
   batched call implies.
-- ``sfm``: steps advanced per target call of the leap, the wasted leap and the fallback counted (sfm.py).
+- ``sfm``: steps advanced per unit of cost, cost = the target calls of the leap (the wasted leap and the fallback
+  counted) + μ·(the leap's embedded local error estimate), μ calibrated from the run (sfm.py; ``mu=0``: calls
+  only — at a fixed tol that drifts to long leaps and their error on real images).
 - ``fastflow``: μ·(steps skipped) − error at the next real call, μ calibrated from the run (skip.py).
 
 The statistics live on the CPU in float64 (they are tiny); ``select`` returns arms on the context's device.

@@ -43,12 +43,29 @@ before (real or drafted; r = h_i/h_{i−1}; a sample's first step is Euler): wit
 end). ``rca`` keeps its own trapezoid (no base option).
 
 Bandit (``leap="bandit"``): L is chosen per sample among ``arms`` with context = time bucket of t_k; the
-reward of a decision is steps advanced per target call it caused: L when accepted, 1/2 when rejected (one
-step for two calls). Only arms that fit before t_{N−1} are eligible.
+reward of a decision is steps advanced per unit of cost, cost = the target calls it caused + μ·(the local error
+it left):
+
+  accepted:  L / (1 + μ·e),   e = ‖x̃ − x_trap‖ / ‖x̂1_target‖,   x_trap = x_k + (s − t_k)·(v_k + v(x̃, s))/2
+  rejected:  1 / (2 + μ·e_1)  (one step for two calls; the discarded leap leaves no error, the retry's base
+             step leaves its own e_1, so the rejection is credited a round late, when e_1 is known)
+
+e is the embedded error estimate of the leap (as in Runge–Kutta pairs: the leap against the trapezoid with its
+own end velocity, free — both velocities are paid for). Why it is priced: the check bounds the draft/target
+disagreement at the leap's end, not the path's deviation along it, and at a fixed tol an accepted long leap
+leaves more error per step (fashion, N = 50, tol .05: a leap's true local error per step 2.7e-4 at L = 2,
+4.8e-4 at L = 4, 1.1e-3 at L = 8; e tracks it with log-correlation 0.94–0.97, δ with 0.58–0.73), so a reward
+of calls alone drifts to long leaps and their error. μ (calls per unit of e) is calibrated on the first batch
+the bandit sees, like fastflow's: that batch takes base steps only (L = 1: ``base``-N exactly) and sets
+μ = mu_scale / (N·median(e of its steps)), N·median(e) standing for the error base-N leaves. Summed over a
+run, the cost is then calls + mu_scale·N·(Σe / base-N's Σe): with mu_scale = 1, leaving twice base-N's error
+is worth N calls (default 3: the best of 1, 3, 10 measured, benchmarks/RESULTS.md). ``mu=0`` prices calls
+only (the objective before; ``mu`` given: no calibration). Only arms that fit before t_{N−1} are eligible.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -92,8 +109,9 @@ class SFM(Sampler):
 
     Options: ``drafter`` (see drafters.py), ``leap`` (int ≥ 1 or "bandit"), ``arms`` (leap lengths for the
     bandit), ``tol`` (relative x̂1 tolerance, > 0), ``policy`` ("ucb1" | "thompson"), ``buckets`` (time
-    buckets = bandit contexts), ``seed`` (bandit seed), ``cuda_graphs`` (on CUDA, replay the round's two
-    fixed-shape pieces as CUDA graphs, see graphs.py; drafters without a network). See the module docstring.
+    buckets = bandit contexts), ``seed`` (bandit seed), ``mu`` / ``mu_scale`` (the bandit's price of error:
+    None / scale to calibrate it), ``cuda_graphs`` (on CUDA, replay the round's two fixed-shape pieces as CUDA
+    graphs, see graphs.py; drafters without a network). See the module docstring.
     """
 
     name = "sfm"
@@ -107,10 +125,19 @@ class SFM(Sampler):
     seed: int = 0
     cuda_graphs: bool = True
     base: str = "euler"
+    mu: float | None = None
+    mu_scale: float = 3.0
 
     def __post_init__(self):
         super().__post_init__()
         check_base(self.base)
+        if self.mu is not None and (isinstance(self.mu, bool) or not isinstance(self.mu, (int, float))
+                                    or not math.isfinite(self.mu) or self.mu < 0):
+            raise ValueError(f"mu (calls per unit of a leap's relative local error) must be a finite number >= 0, "
+                             f"or None to calibrate it on the first batch; got {self.mu!r}")
+        if isinstance(self.mu_scale, bool) or not isinstance(self.mu_scale, (int, float)) or not self.mu_scale > 0:
+            raise ValueError(f"mu_scale must be a number > 0, got {self.mu_scale!r}")
+        self.mu_ = None if self.mu is None else float(self.mu)
         if self.drafter not in DRAFTERS:
             raise ValueError(f"unknown drafter {self.drafter!r}; valid: {', '.join(sorted(DRAFTERS))}")
         if self.leap != "bandit" and (not isinstance(self.leap, int) or isinstance(self.leap, bool)
@@ -135,28 +162,43 @@ class SFM(Sampler):
         return DRAFTERS[self.drafter].needs_features
 
     @host_side
-    def _plan(self, k: Tensor, retry: Tensor, grid: Tensor, arms: Tensor, played):
-        """On the host (numpy: the device waits for this), from each sample's k and retry flag (fetched once
-        per round): credit last round's bandit decisions (``played``; a retry flag is a rejected leap), then
-        choose this round's leaps L (a rejected leap retries with L = 1); returns (L, live rows, the longest
-        live leap, played)."""
-        N, k, retry = self.steps, k.numpy(), retry.numpy()
-        if played is not None:  # reward: steps per target call, L when accepted, 1/2 when rejected
-            ctx, L, mine, rows = played
-            reward = np.where(retry[rows], 0.5, L.astype(np.float64))
-            self.bandit.update(ctx[mine], L[mine], reward[mine])
+    def _plan(self, k: Tensor, retry: Tensor, err: Tensor, grid: Tensor, arms: Tensor, played, calibration):
+        """On the host (numpy: the device waits for this), from each sample's k, retry flag and last round's local
+        error estimate (fetched once per round): credit the bandit decisions settled last round (``played``: the
+        rows, contexts, leaps and a held flag of decisions awaiting credit) or, while calibrating μ, collect the
+        errors of last round's base steps; then choose this round's leaps L (a rejected leap retries with
+        L = 1); returns (L, live rows, the longest live leap, played)."""
+        N, k, retry, err = self.steps, k.numpy(), retry.numpy(), err.numpy()
+        held = None
+        if calibration is not None and played is not None:  # last round's steps were all L = 1, all accepted
+            calibration.extend(err[played[0]].tolist())
+        elif played is not None:  # reward: steps advanced per unit of cost, cost = calls + μ·error
+            rows, ctx, L, was_held = played
+            rejected = retry[rows] & ~was_held
+            # accepted: L/(1 + μ·e); a rejection is credited a round late, once its retry step's error e is
+            # known: 1/(2 + μ·e) (one step for two calls; μ = 0: 1/2)
+            done = ~rejected
+            reward = np.where(was_held, 1 / (2 + self.mu_ * err[rows]), L / (1 + self.mu_ * err[rows]))
+            self.bandit.update(ctx[done], L[done], reward[done])
+            held = rows[rejected], ctx[rejected], L[rejected], np.ones(int(rejected.sum()), bool)
+        played = None
         rows = np.flatnonzero(k < N)
         if rows.size == 0:  # all done: no choice to make (a Thompson choice would draw)
             return torch.from_numpy(k), torch.from_numpy(rows), 0, None
         cap = np.maximum(N - 1 - k, 1)  # leaps end at t_{N−1} at the latest
-        if self.bandit is None:
+        if calibration is not None:  # base steps only
+            L = np.ones_like(k)
+            played = (rows,)
+        elif self.bandit is None:
             L = np.minimum(cap, self.leap)
         else:
             ctx = time_bucket(grid[k], self.buckets).numpy()
             chosen = self.bandit.select(ctx, limit=cap).numpy()
             L = np.minimum(chosen, cap)
-            mine = (chosen <= cap) & ~retry  # credit the bandit's own decisions only (not retries, not capped)
-            played = ctx[rows], L[rows], mine[rows], rows
+            mine = rows[((chosen <= cap) & ~retry)[rows]]  # the bandit's own decisions (not retries, not capped)
+            played = mine, ctx[mine], L[mine], np.zeros(mine.size, bool)
+            if held is not None:
+                played = tuple(np.concatenate(p) for p in zip(played, held))
         L = np.where(retry, 1, L)
         arms += torch.from_numpy(np.bincount(L[rows], minlength=arms.numel()))
         return torch.from_numpy(L), torch.from_numpy(rows), int(L[rows].max()), played
@@ -197,16 +239,17 @@ class SFM(Sampler):
         z = torch.zeros(B, dtype=torch.long, device=dev)
         # the chain owns its tensors (v is written in place later; a model may keep its output buffer)
         c = _Chain(x=x.clone(), v=v.clone(), k=z.clone(), retry=z.bool(), L=z.clone(), v_s=torch.zeros_like(x),
+                   err=x.new_zeros(B),
                    counts=z.new_zeros(2),  # counts: proposed, accepted leaps
                    d=torch.zeros_like(x) if self.base == "ab2" else None,
                    d_leap=torch.zeros_like(x) if self.base == "ab2" else None)
         self._last_step(c, h)
         graphs = graphs_for(x, self.cuda_graphs and not drafter.needs_network)
         arms = torch.zeros(max(self.arms if self.bandit is not None else (self.leap,)) + 1, dtype=torch.long)
-        played = None
+        played, calibration = None, ([] if self.bandit is not None and self.mu_ is None else None)
         while True:
-            k_h, retry_h, counts = f.fetch(c.k, c.retry, c.counts)  # the round's one host sync
-            L_h, rows_h, Lmax, played = self._plan(k_h, retry_h, grid, arms, played)
+            k_h, retry_h, counts, err_h = f.fetch(c.k, c.retry, c.counts, c.err)  # the round's one host sync
+            L_h, rows_h, Lmax, played = self._plan(k_h, retry_h, err_h, grid, arms, played, calibration)
             if Lmax == 0:  # every sample is at t = 1
                 break
             c.L.copy_(L_h, non_blocking=True)  # pageable → device: staged at once, no wait on the device
@@ -221,6 +264,9 @@ class SFM(Sampler):
             graphs(("settle", Lmax), lambda: self._settle(c, drafter, draft, y, s, rows, h_s, t, h, Lmax),
                    group=Lmax)
             stats.rounds += 1
+        if calibration is not None:  # μ: the error of base-N (N median base steps) is worth mu_scale·N calls
+            med = float(np.median(calibration)) if calibration else 0.0
+            self.mu_ = self.mu_scale / (N * med) if med > 0 else 0.0
         stats.proposed, stats.accepted = counts.tolist()
         for a, n in enumerate(arms.tolist()):
             if n:
@@ -237,6 +283,10 @@ class SFM(Sampler):
                                       step=(c.k + c.L)[rows]))  # the leap end's grid step, for errors
         else:
             ok = self._accept(drafter, draft, y, s, c.v_s, None, c.L, Lmax) & live
+        if self.bandit is not None and self.mu_ != 0:  # the leap's embedded local error estimate (see the docstring)
+            trap = c.x + per_sample(s.to(y.dtype) - t[c.k], c.x) * (c.v + c.v_s) / 2
+            x1 = x1_hat(y, s.to(y.dtype), c.v_s)
+            c.err.copy_(_norm(y - trap) / _norm(x1).clamp_min(torch.finfo(y.dtype).tiny))
         leaps = (c.L > 1) & live
         c.counts += torch.stack([leaps.sum(), (ok & leaps).sum()])
         x_new, v_new = self._commit(c.x, c.v, y, c.v_s, t[c.k], s)
@@ -271,7 +321,8 @@ class SFM(Sampler):
         return y, v_s
 
     def state_dict(self) -> dict:
-        return {"bandit": self.bandit.state_dict(), "base": self.base} if self.bandit is not None else {}
+        return ({"bandit": self.bandit.state_dict(), "base": self.base, "mu": self.mu_}
+                if self.bandit is not None else {})
 
     def load_state_dict(self, state: dict) -> None:
         if self.bandit is None:
@@ -281,7 +332,14 @@ class SFM(Sampler):
         if state.get("base", "euler") != self.base:  # its rewards were earned by another integrator's leaps
             raise ValueError(f"sfm state was learnt with base={state.get('base', 'euler')!r} but this sampler has "
                              f"base={self.base!r}; build it with the same base, or start without the state")
+        if "mu" not in state:  # learnt before errors were priced: its rewards are calls only
+            raise ValueError("this sfm bandit state was learnt with rewards of calls only (before its objective "
+                             "priced the leaps' error); start without the state, or relearn it")
+        if self.mu is not None and state["mu"] != self.mu_:
+            raise ValueError(f"sfm state was learnt with mu={state['mu']!r} (its rewards price error at that rate) "
+                             f"but this sampler has mu={self.mu!r}; build it with the same mu, or mu=None")
         self.bandit.load_state_dict(state["bandit"])
+        self.mu_ = None if state["mu"] is None else float(state["mu"])
 
 
 @dataclasses.dataclass
@@ -294,6 +352,7 @@ class _Chain:
     retry: Tensor   # (B,) bool: the last leap was rejected, so this round steps L = 1
     L: Tensor       # (B,) this round's leap lengths (planned on the host)
     v_s: Tensor     # (B, ...) the target at this round's leap ends (rows of the call; others stale)
+    err: Tensor     # (B,) the embedded local error estimate of this round's leaps (bandit with μ ≠ 0 only)
     counts: Tensor  # (2,) proposed and accepted leaps (L > 1) over the run
     d: Tensor | None = None       # base="ab2": the velocity each sample used at its step before x_k
     d_leap: Tensor | None = None  # its copy that this round's leap advances (kept only if the leap is)
