@@ -47,18 +47,20 @@ ACCEL = [  # (label, sampler, options, learns online)
     ("fastflow ab2 mu x3", "fastflow", dict(base="ab2", mu_scale=3.0), True),
 ]
 
-FRONT_TOLS = (0.01, 0.02, 0.05, 0.1, 0.2)
+FRONT_TOLS = {"x1": (0.01, 0.02, 0.05, 0.1, 0.2), "local": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)}
 
 
-def front_rows(tols=FRONT_TOLS):
+def front_rows(checks=("x1", "local")):
     """``--front``: sfm (base ab2) with each fixed leap and with the leap bandit (calls only, μ = 0; and error-
-    priced, μ calibrated) at every tol — the error/NFE front of each policy, which tol sweeps."""
+    priced, μ calibrated) at every tol of each check — the error/NFE front of each policy, which tol sweeps."""
     rows = []
-    for tol in tols:
-        t = f"tol{tol:g}".replace("0.", ".")
-        rows += [(f"front sfm ab2 L{L} {t}", "sfm", dict(leap=L, tol=tol, base="ab2"), False) for L in (2, 4, 8)]
-        rows += [(f"front sfm ab2 bandit mu0 {t}", "sfm", dict(leap="bandit", tol=tol, base="ab2", mu=0.0), True),
-                 (f"front sfm ab2 bandit {t}", "sfm", dict(leap="bandit", tol=tol, base="ab2"), True)]
+    for check in checks:
+        for tol in FRONT_TOLS[check]:
+            t = ("" if check == "x1" else "local ") + f"tol{tol:g}".replace("0.", ".")
+            o = dict(tol=tol, base="ab2", check=check)
+            rows += [(f"front sfm ab2 L{L} {t}", "sfm", dict(leap=L, **o), False) for L in (2, 4, 8)]
+            rows += [(f"front sfm ab2 bandit mu0 {t}", "sfm", dict(leap="bandit", mu=0.0, **o), True),
+                     (f"front sfm ab2 bandit {t}", "sfm", dict(leap="bandit", **o), True)]
     return rows
 
 
@@ -134,7 +136,7 @@ def table(model_name, N, args, guidance=None):
     if args.draft:  # checked against the target it was trained for (a mismatch is a clear error)
         from specflow.checkpoint import load_draft, load_target
         draft = load_draft(args.draft, load_target(model_name, args.device))
-    for label, name, opts, learns in (front_rows() if args.front else ACCEL + (DRAFT_ROWS if draft is not None else [])):
+    for label, name, opts, learns in (front_rows(args.front) if args.front else ACCEL + (DRAFT_ROWS if draft is not None else [])):
         if args.only and label not in args.only:
             continue
         try:
@@ -193,10 +195,11 @@ def print_front(measured):
     """Each bandit point against the best fixed leap's front at its error (``--front``): the goal is a ratio
     NFE / front NFE ≤ 1 — as few calls per step as the best fixed leap at equal error. The plain ab2 rival's
     front (one per grid) is shown beside them."""
-    fixed = {}
+    fixed, by_check = {}, {}
     for label, (n, e) in measured.items():
         if label.startswith("front sfm ab2 L"):
             fixed.setdefault(label.split()[3], []).append((n, e))
+            by_check.setdefault("local" if " local " in label else "x1", []).append((label, n, e))
         elif label.strip().startswith("ab2-"):  # the plain rival, one front per grid
             fixed.setdefault(" ".join(["ab2"] + label.split()[1:]), []).append((n, e))
     print("\nbandit point vs the fixed leaps' fronts at equal error (each front: its Pareto points over tol, "
@@ -210,6 +213,21 @@ def print_front(measured):
         fronts = "  ".join(f"{L} {v:.1f}" if v is not None else f"{L} –" for L, v in sorted(at.items()))
         verdict = "outside every front" if best is None else f"best {best[1]}: ratio {n / best[0]:.3f}"
         print(f"  {label:32s} NFE {n:5.1f} err {e:.2e} | fronts: {fronts} | {verdict}")
+    if len(by_check) < 2:
+        return
+    ab2 = [p for k, p in fixed.items() if k.startswith("ab2")]
+    print("\nthe checks compared: each check's Pareto points (fixed leaps, any L and tol) and the NFE the other "
+          "check's front and ab2's need for the same error")
+    fronts = {c: [(n, e) for _, n, e in pts] for c, pts in by_check.items()}
+    for c, pts in by_check.items():
+        for label, n, e in sorted(pts, key=lambda p: p[1]):
+            if any(n2 <= n and e2 < e or n2 < n and e2 <= e for _, n2, e2 in pts):
+                continue  # dominated within its own check
+            others = "  ".join(f"{o} {v:.1f}" if (v := front_nfe(fronts[o], e)) is not None else f"{o} –"
+                               for o in fronts if o != c)
+            best_ab2 = [v for p in ab2 if (v := front_nfe(p, e)) is not None]
+            print(f"  {label:32s} NFE {n:5.1f} err {e:.2e} | {others} | ab2 "
+                  + (f"{min(best_ab2):.1f}" if best_ab2 else "–"))
 
 
 def main():
@@ -227,15 +245,17 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
     p.add_argument("--schedules", nargs="+", default=["uniform"], choices=["uniform", "quadratic", "edm"],
                    help="time grids of the ab2/heun rivals (the best in hindsight is the honest rival)")
-    p.add_argument("--front", action="store_true",
-                   help="sfm's fixed leaps and leap bandits over tol " + ", ".join(map(str, FRONT_TOLS))
-                   + ": each bandit point against the fixed leaps' error/NFE fronts")
+    p.add_argument("--front", nargs="*", choices=list(FRONT_TOLS), default=None, metavar="CHECK",
+                   help="sfm's fixed leaps and leap bandits over tol, for each check named (none: x1 and local; "
+                   f"tols {FRONT_TOLS}): each bandit point against the fixed leaps' error/NFE fronts")
     p.add_argument("--only", nargs="+", default=None, metavar="LABEL",
                    help="a subset of the accelerated rows, by label: " + "; ".join(a[0] for a in ACCEL + DRAFT_ROWS))
     args = p.parse_args()
     labels = {a[0] for a in ACCEL + DRAFT_ROWS + front_rows()}
     if args.only and set(args.only) - labels:
         p.error(f"unknown --only labels {sorted(set(args.only) - labels)}")
+    if args.front == []:
+        args.front = list(FRONT_TOLS)
     if args.threads:
         torch.set_num_threads(args.threads)
     for m in args.models:

@@ -36,27 +36,35 @@ correction with the endpoint velocity; it is LOSSY BY DESIGN (no fallback, no ch
 With leap = 1 this is the one-call-per-step predictor–corrector "Heun with the predictor's velocity
 reused": second order, N + 1 calls (Heun pays 2N); with N = 1 it is Heun's step exactly.
 
+Check (``check="x1" | "local"``): ``x1`` is the seed's δ above. ``local`` accepts a leap when its embedded
+local error estimate is within tol instead,
+
+  e = ‖x̃ − x_trap‖ / ‖x̂1_target‖ ≤ tol,   x_trap = x_k + (s − t_k)·(v_k + v(x̃, s))/2,
+
+the leap against the trapezoid with its own end velocity (as in embedded Runge–Kutta pairs: both velocities are
+paid for, and no draft is evaluated at the leap's end). δ asks whether the drafter still agrees with the target
+one step past the leap; e estimates the error the leap leaves behind, which is what the output pays for. Its
+tol is on another scale (toy64 and fashion: 3e-4 … 3e-2; δ's: 0.01 … 0.2). Neither front dominates the other
+(benchmarks/RESULTS.md); ``x1`` stays the default as the seed's definition.
+
 Base (``base="euler" | "ab2"``): the step every leap, fallback and last step is made of. With ``ab2`` each is a
 variable-step Adams–Bashforth 2 step with the velocity of this step and the one the sample used at its step
 before (real or drafted; r = h_i/h_{i−1}; a sample's first step is Euler): with no leap accepted the output is
-``ab2``-N exactly, and an accepted leap carries second-order error. The check is unchanged (x̂1 at the leap's
-end). ``rca`` keeps its own trapezoid (no base option).
+``ab2``-N exactly, and an accepted leap carries second-order error. The checks are unchanged. ``rca`` keeps its own trapezoid (no base option).
 
 Bandit (``leap="bandit"``): L is chosen per sample among ``arms`` with context = time bucket of t_k; the
 reward of a decision is steps advanced per unit of cost, cost = the target calls it caused + μ·(the local error
 it left):
 
-  accepted:  L / (1 + μ·e),   e = ‖x̃ − x_trap‖ / ‖x̂1_target‖,   x_trap = x_k + (s − t_k)·(v_k + v(x̃, s))/2
+  accepted:  L / (1 + μ·e),   e the leap's embedded local error estimate (``check="local"`` above)
   rejected:  1 / (2 + μ·e_1)  (one step for two calls; the discarded leap leaves no error, the retry's base
              step leaves its own e_1, so the rejection is credited a round late, when e_1 is known)
 
-e is the embedded error estimate of the leap (as in Runge–Kutta pairs: the leap against the trapezoid with its
-own end velocity, free — both velocities are paid for). Why it is priced: the check bounds the draft/target
-disagreement at the leap's end, not the path's deviation along it, and at a fixed tol an accepted long leap
-leaves more error per step (fashion, N = 50, tol .05: a leap's true local error per step 2.7e-4 at L = 2,
-4.8e-4 at L = 4, 1.1e-3 at L = 8; e tracks it with log-correlation 0.94–0.97, δ with 0.58–0.73), so a reward
-of calls alone drifts to long leaps and their error. μ (calls per unit of e) is calibrated on the first batch
-the bandit sees, like fastflow's: that batch takes base steps only (L = 1: ``base``-N exactly) and sets
+Why error is priced: the x̂1 check bounds the draft/target disagreement at the leap's end, not the path's
+deviation along it, and at a fixed tol an accepted long leap leaves more error per step (fashion, N = 50, tol
+.05: a leap's true local error per step 2.7e-4 at L = 2, 4.8e-4 at L = 4, 1.1e-3 at L = 8; e tracks it with
+log-correlation 0.94–0.97, δ with 0.58–0.73), so a reward of calls alone drifts to long leaps and their error.
+μ (calls per unit of e) is calibrated on the first batch the bandit sees, like fastflow's: that batch takes base steps only (L = 1: ``base``-N exactly) and sets
 μ = mu_scale / (N·median(e of its steps)), N·median(e) standing for the error base-N leaves. Summed over a
 run, the cost is then calls + mu_scale·N·(Σe / base-N's Σe): with mu_scale = 1, leaving twice base-N's error
 is worth N calls (default 3: the best of 1, 3, 10 measured, benchmarks/RESULTS.md). ``mu=0`` prices calls
@@ -78,6 +86,9 @@ from specflow.sampling.drafters import DRAFTERS, make_drafter
 from specflow.sampling.graphs import for_tensor as graphs_for
 from specflow.sampling.opcount import host_side
 from specflow.sampling.solvers import ab2_weights, check_base
+
+
+CHECKS = ("x1", "local")
 
 
 def _norm(x: Tensor) -> Tensor:
@@ -108,7 +119,7 @@ class SFM(Sampler):
     """Speculative flow matching: leap with a drafter, verify with one target call, fall back to Euler.
 
     Options: ``drafter`` (see drafters.py), ``leap`` (int ≥ 1 or "bandit"), ``arms`` (leap lengths for the
-    bandit), ``tol`` (relative x̂1 tolerance, > 0), ``policy`` ("ucb1" | "thompson"), ``buckets`` (time
+    bandit), ``tol`` (the check's relative tolerance, > 0), ``check`` ("x1" | "local"), ``policy`` ("ucb1" | "thompson"), ``buckets`` (time
     buckets = bandit contexts), ``seed`` (bandit seed), ``mu`` / ``mu_scale`` (the bandit's price of error:
     None / scale to calibrate it), ``cuda_graphs`` (on CUDA, replay the round's two fixed-shape pieces as CUDA
     graphs, see graphs.py; drafters without a network). See the module docstring.
@@ -127,6 +138,7 @@ class SFM(Sampler):
     base: str = "euler"
     mu: float | None = None
     mu_scale: float = 3.0
+    check: str = "x1"
 
     def __post_init__(self):
         super().__post_init__()
@@ -138,6 +150,8 @@ class SFM(Sampler):
         if isinstance(self.mu_scale, bool) or not isinstance(self.mu_scale, (int, float)) or not self.mu_scale > 0:
             raise ValueError(f"mu_scale must be a number > 0, got {self.mu_scale!r}")
         self.mu_ = None if self.mu is None else float(self.mu)
+        if self.check not in CHECKS:
+            raise ValueError(f"unknown check {self.check!r}; valid: {', '.join(CHECKS)}")
         if self.drafter not in DRAFTERS:
             raise ValueError(f"unknown drafter {self.drafter!r}; valid: {', '.join(sorted(DRAFTERS))}")
         if self.leap != "bandit" and (not isinstance(self.leap, int) or isinstance(self.leap, bool)
@@ -277,16 +291,18 @@ class SFM(Sampler):
         """Check every leap, commit the accepted ones, show the drafter the target at x̃, take last steps —
         dense over the batch (finished samples masked), in place. Network drafters check the leaping rows only."""
         live = c.k < self.steps
-        if drafter.needs_network:  # eager: its rows are this round's
+        if self.check == "local" or (self.bandit is not None and self.mu_ != 0):  # the leap's embedded local
+            trap = c.x + per_sample(s.to(y.dtype) - t[c.k], c.x) * (c.v + c.v_s) / 2  # error estimate (docstring)
+            x1 = x1_hat(y, s.to(y.dtype), c.v_s)
+            c.err.copy_(_norm(y - trap) / _norm(x1).clamp_min(torch.finfo(y.dtype).tiny))
+        if self.check == "local":  # no draft at the leap's end needed
+            ok = ((c.L == 1) | (c.err <= self.tol)) & live
+        elif drafter.needs_network:  # eager: its rows are this round's
             ok = torch.zeros_like(live).index_copy_(
                 0, rows, self._accept(drafter, draft, y[rows], s[rows], c.v_s[rows], rows, c.L[rows], Lmax,
                                       step=(c.k + c.L)[rows]))  # the leap end's grid step, for errors
         else:
             ok = self._accept(drafter, draft, y, s, c.v_s, None, c.L, Lmax) & live
-        if self.bandit is not None and self.mu_ != 0:  # the leap's embedded local error estimate (see the docstring)
-            trap = c.x + per_sample(s.to(y.dtype) - t[c.k], c.x) * (c.v + c.v_s) / 2
-            x1 = x1_hat(y, s.to(y.dtype), c.v_s)
-            c.err.copy_(_norm(y - trap) / _norm(x1).clamp_min(torch.finfo(y.dtype).tiny))
         leaps = (c.L > 1) & live
         c.counts += torch.stack([leaps.sum(), (ok & leaps).sum()])
         x_new, v_new = self._commit(c.x, c.v, y, c.v_s, t[c.k], s)
@@ -321,7 +337,7 @@ class SFM(Sampler):
         return y, v_s
 
     def state_dict(self) -> dict:
-        return ({"bandit": self.bandit.state_dict(), "base": self.base, "mu": self.mu_}
+        return ({"bandit": self.bandit.state_dict(), "base": self.base, "mu": self.mu_, "check": self.check}
                 if self.bandit is not None else {})
 
     def load_state_dict(self, state: dict) -> None:
@@ -332,6 +348,9 @@ class SFM(Sampler):
         if state.get("base", "euler") != self.base:  # its rewards were earned by another integrator's leaps
             raise ValueError(f"sfm state was learnt with base={state.get('base', 'euler')!r} but this sampler has "
                              f"base={self.base!r}; build it with the same base, or start without the state")
+        if state.get("check", "x1") != self.check:  # other leaps were accepted, so other rewards
+            raise ValueError(f"sfm state was learnt with check={state.get('check', 'x1')!r} but this sampler has "
+                             f"check={self.check!r}; build it with the same check, or start without the state")
         if "mu" not in state:  # learnt before errors were priced: its rewards are calls only
             raise ValueError("this sfm bandit state was learnt with rewards of calls only (before its objective "
                              "priced the leaps' error); start without the state, or relearn it")
