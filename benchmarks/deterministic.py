@@ -53,7 +53,8 @@ FRONT_TOLS = {"x1": (0.01, 0.02, 0.05, 0.1, 0.2), "local": (3e-4, 1e-3, 3e-3, 1e
 def front_rows(checks=("x1", "local")):
     """``--front``: sfm (base ab2) with each fixed leap and with the leap bandit (calls only, μ = 0; and error-
     priced, μ calibrated) at every tol of each check — the error/NFE front of each policy, which tol sweeps."""
-    rows = []
+    # accept-all (tol = inf): a leap's fewest calls, so every front's cheapest point is a true floor
+    rows = [(f"front sfm ab2 L{L} accept-all", "sfm", dict(leap=L, tol=math.inf, base="ab2"), False) for L in (2, 4, 8)]
     for check in checks:
         for tol in FRONT_TOLS[check]:
             t = ("" if check == "x1" else "local ") + f"tol{tol:g}".replace("0.", ".")
@@ -136,7 +137,8 @@ def table(model_name, N, args, guidance=None):
     if args.draft:  # checked against the target it was trained for (a mismatch is a clear error)
         from specflow.checkpoint import load_draft, load_target
         draft = load_draft(args.draft, load_target(model_name, args.device))
-    for label, name, opts, learns in (front_rows(args.front) if args.front else ACCEL + (DRAFT_ROWS if draft is not None else [])):
+    runs = front_rows(args.front) if args.front else ACCEL + (DRAFT_ROWS if draft is not None else [])
+    for label, name, opts, learns in runs:
         if args.only and label not in args.only:
             continue
         try:
@@ -174,9 +176,10 @@ def table(model_name, N, args, guidance=None):
 
 
 def front_nfe(points, err):
-    """The NFE a policy's front needs for ``err``: its Pareto points (no other point both cheaper and more
-    accurate) joined linearly in log error; a bandit must beat that. None outside the front's error range
-    (error is not monotone in tol, so the points are not joined in tol order)."""
+    """The fewest calls with which a policy reaches error ``err``: its Pareto points (no other point both cheaper
+    and more accurate; error is not monotone in tol, so not joined in tol order) joined linearly in log error.
+    Above its cheapest point's error: that point's NFE — a true floor for a fixed leap, whose cheapest point is
+    accept-all (no run of that leap is cheaper). None below its most accurate point's error."""
     pareto, best = [], math.inf
     for n, e in sorted(points):  # by NFE; keep a point only if it is more accurate than every cheaper one
         if e < best:
@@ -195,15 +198,16 @@ def print_front(measured):
     """Each bandit point against the best fixed leap's front at its error (``--front``): the goal is a ratio
     NFE / front NFE ≤ 1 — as few calls per step as the best fixed leap at equal error. The plain ab2 rival's
     front (one per grid) is shown beside them."""
-    fixed, by_check = {}, {}
+    fixed, by_check = {}, {}  # a fixed leap's front pools its points of every check and tol
     for label, (n, e) in measured.items():
         if label.startswith("front sfm ab2 L"):
             fixed.setdefault(label.split()[3], []).append((n, e))
-            by_check.setdefault("local" if " local " in label else "x1", []).append((label, n, e))
+            check = "accept-all" if label.endswith("accept-all") else "local" if " local " in label else "x1"
+            by_check.setdefault(check, []).append((label, n, e))
         elif label.strip().startswith("ab2-"):  # the plain rival, one front per grid
             fixed.setdefault(" ".join(["ab2"] + label.split()[1:]), []).append((n, e))
-    print("\nbandit point vs the fixed leaps' fronts at equal error (each front: its Pareto points over tol, "
-          "NFE interpolated in log error)")
+    print("\nbandit point vs the fixed leaps' fronts at equal error (each front: a leap's Pareto points over tol "
+          "and check, NFE interpolated in log error)")
     for label, (n, e) in measured.items():
         if "bandit" not in label:
             continue

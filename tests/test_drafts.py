@@ -92,7 +92,7 @@ class _Probe:
         return (x1_src - y) / (1 - s)[:, None]
 
 
-@pytest.mark.parametrize("name,opts", [("speculative", dict(window=5)), ("sfm", dict(leap="bandit", tol=0.2))])
+@pytest.mark.parametrize("name,opts", [("speculative", dict(window=5)), ("sfm", dict(leap="bandit", tol=0.2, mu=1.0))])
 def test_medusa_gets_the_features_of_the_last_paid_evaluation(name, opts):
     target = _random_mlp_target()
     probe = _Probe(target)

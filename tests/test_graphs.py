@@ -36,7 +36,8 @@ def _stats(r):
 @pytest.mark.parametrize("name,options", [
     ("speculative", dict(drafter="frozen", window=8)), ("speculative", dict(drafter="extrapolate", window=4)),
     ("speculative", dict(drafter="frozen", window="bandit")),
-    ("sfm", dict(drafter="extrapolate", leap=4)), ("sfm", dict(drafter="frozen", leap="bandit"))], ids=str)
+    ("sfm", dict(drafter="extrapolate", leap=4)), ("sfm", dict(drafter="frozen", leap="bandit", mu=1.0)),
+    ("sfm", dict(drafter="frozen", leap="bandit", mu=1.0, check="local"))], ids=str)
 def test_replayed_pieces_match_the_eager_run(monkeypatch, name, options):
     eager, replayed = _runs(monkeypatch, name, **options)
     assert torch.equal(eager.samples, replayed.samples)
@@ -90,7 +91,8 @@ def _cuda_mixture():
 @pytest.mark.parametrize("name,options", [
     ("speculative", dict(drafter="frozen", window=8)), ("speculative", dict(drafter="extrapolate", window=4)),
     ("speculative", dict(drafter="frozen", window="bandit")),
-    ("sfm", dict(drafter="extrapolate", leap=4)), ("sfm", dict(drafter="frozen", leap="bandit"))], ids=str)
+    ("sfm", dict(drafter="extrapolate", leap=4)), ("sfm", dict(drafter="frozen", leap="bandit", mu=1.0)),
+    ("sfm", dict(drafter="frozen", leap="bandit", mu=1.0, check="local"))], ids=str)
 def test_cuda_graphs_replay_the_eager_round_exactly(name, options):
     gm = _cuda_mixture()
     x0 = torch.randn(256, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(0))

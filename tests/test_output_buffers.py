@@ -50,7 +50,7 @@ CASES = [("euler", {}), ("heun", {}), ("ab2", {}), ("sde", {}), ("fastflow", dic
          ("speculative", dict(drafter="frozen", window=4)), ("speculative", dict(window="bandit")),
          ("speculative", dict(window=3, draft_eta=0.6)), ("speculative", dict(drafter="model", window=4)),
          ("speculative", dict(drafter="medusa", window=4)), ("sfm", dict(leap=4, tol=0.05)),
-         ("sfm", dict(leap="bandit")), ("sfm", dict(drafter="model", leap=3, tol=0.5)),
+         ("sfm", dict(leap="bandit", mu=1.0)), ("sfm", dict(drafter="model", leap=3, tol=0.5)),
          ("sfm", dict(drafter="medusa", leap=3)), ("rca", dict(leap=3)), ("rca", dict(drafter="model", leap=2))]
 
 

@@ -44,7 +44,7 @@ def test_plain_solvers_never_wait_for_the_device(name):
     ("speculative", dict(drafter="extrapolate", window="bandit")),
     ("speculative", dict(drafter="frozen", window=8, row_bucket=16)),
     ("speculative", dict(drafter="model", window=4)),
-    ("sfm", dict(drafter="frozen", leap=4)), ("sfm", dict(drafter="extrapolate", leap="bandit")),
+    ("sfm", dict(drafter="frozen", leap=4)), ("sfm", dict(drafter="extrapolate", leap="bandit", mu=1.0)),
     ("sfm", dict(drafter="model", leap=4))], ids=str)
 def test_speculative_samplers_sync_once_per_round(name, options):
     counter, stats = _count(name, **options)

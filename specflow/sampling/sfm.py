@@ -66,8 +66,9 @@ deviation along it, and at a fixed tol an accepted long leap leaves more error p
 log-correlation 0.94–0.97, δ with 0.58–0.73), so a reward of calls alone drifts to long leaps and their error.
 μ (calls per unit of e) is calibrated on the first batch the bandit sees, like fastflow's: that batch takes base steps only (L = 1: ``base``-N exactly) and sets
 μ = mu_scale / (N·median(e of its steps)), N·median(e) standing for the error base-N leaves. Summed over a
-run, the cost is then calls + mu_scale·N·(Σe / base-N's Σe): with mu_scale = 1, leaving twice base-N's error
-is worth N calls (default 3: the best of 1, 3, 10 measured, benchmarks/RESULTS.md). ``mu=0`` prices calls
+run, the cost is then calls + mu_scale·(Σe / base-N's Σe): as much error again as base-N leaves is worth
+mu_scale calls (default 3: the best of 1, 3, 10 measured, benchmarks/RESULTS.md). μ belongs to the grid it
+was calibrated on (it divides by N). ``mu=0`` prices calls
 only (the objective before; ``mu`` given: no calibration). Only arms that fit before t_{N−1} are eligible.
 """
 from __future__ import annotations
@@ -93,6 +94,11 @@ CHECKS = ("x1", "local")
 
 def _norm(x: Tensor) -> Tensor:
     return x.flatten(1).norm(dim=1)
+
+
+def _relative(diff: Tensor, ref: Tensor) -> Tensor:
+    """‖diff‖/‖ref‖ per sample (a zero ref gives a large finite value, never inf/NaN: it feeds a reward)."""
+    return _norm(diff) / _norm(ref).clamp_min(torch.finfo(ref.dtype).eps)
 
 
 def _euler(y, v, k, h, d=None, m=None, d_out=None, pos=None):
@@ -176,23 +182,26 @@ class SFM(Sampler):
         return DRAFTERS[self.drafter].needs_features
 
     @host_side
-    def _plan(self, k: Tensor, retry: Tensor, err: Tensor, grid: Tensor, arms: Tensor, played, calibration):
+    def _plan(self, k: Tensor, retry: Tensor, err: Tensor | None, grid: Tensor, arms: Tensor, played, calibration):
         """On the host (numpy: the device waits for this), from each sample's k, retry flag and last round's local
-        error estimate (fetched once per round): credit the bandit decisions settled last round (``played``: the
-        rows, contexts, leaps and a held flag of decisions awaiting credit) or, while calibrating μ, collect the
-        errors of last round's base steps; then choose this round's leaps L (a rejected leap retries with
-        L = 1); returns (L, live rows, the longest live leap, played)."""
-        N, k, retry, err = self.steps, k.numpy(), retry.numpy(), err.numpy()
-        held = None
-        if calibration is not None and played is not None:  # last round's steps were all L = 1, all accepted
-            calibration.extend(err[played[0]].tolist())
+        error estimate (fetched once per round; None when no reward reads it): credit the bandit decisions
+        settled last round (``played``: the rows, contexts, leaps and a held flag of decisions awaiting credit)
+        or, while calibrating μ (``calibration``: the errors so far and last round's rows), collect the errors of
+        last round's base steps; then choose this round's leaps L (a rejected leap retries with L = 1); returns
+        (L, live rows, the longest live leap, played)."""
+        N, k, retry = self.steps, k.numpy(), retry.numpy()
+        priced = err is not None and not calibration
+        held, err = None, (err.numpy().astype(np.float64) if err is not None else None)
+        if calibration and calibration["rows"] is not None:  # last round's steps were all L = 1, all accepted
+            calibration["errors"].extend(err[calibration["rows"]].tolist())
         elif played is not None:  # reward: steps advanced per unit of cost, cost = calls + μ·error
             rows, ctx, L, was_held = played
             rejected = retry[rows] & ~was_held
             # accepted: L/(1 + μ·e); a rejection is credited a round late, once its retry step's error e is
             # known: 1/(2 + μ·e) (one step for two calls; μ = 0: 1/2)
+            price = self.mu_ * err[rows] if priced else np.zeros(rows.size)
+            reward = np.where(was_held, 1 / (2 + price), L / (1 + price))
             done = ~rejected
-            reward = np.where(was_held, 1 / (2 + self.mu_ * err[rows]), L / (1 + self.mu_ * err[rows]))
             self.bandit.update(ctx[done], L[done], reward[done])
             held = rows[rejected], ctx[rejected], L[rejected], np.ones(int(rejected.sum()), bool)
         played = None
@@ -200,9 +209,9 @@ class SFM(Sampler):
         if rows.size == 0:  # all done: no choice to make (a Thompson choice would draw)
             return torch.from_numpy(k), torch.from_numpy(rows), 0, None
         cap = np.maximum(N - 1 - k, 1)  # leaps end at t_{N−1} at the latest
-        if calibration is not None:  # base steps only
+        if calibration:  # base steps only
             L = np.ones_like(k)
-            played = (rows,)
+            calibration["rows"] = rows
         elif self.bandit is None:
             L = np.minimum(cap, self.leap)
         else:
@@ -253,17 +262,20 @@ class SFM(Sampler):
         z = torch.zeros(B, dtype=torch.long, device=dev)
         # the chain owns its tensors (v is written in place later; a model may keep its output buffer)
         c = _Chain(x=x.clone(), v=v.clone(), k=z.clone(), retry=z.bool(), L=z.clone(), v_s=torch.zeros_like(x),
-                   err=x.new_zeros(B),
+                   err=x.new_zeros(B, dtype=torch.float32),  # float32: host-readable for any x dtype
                    counts=z.new_zeros(2),  # counts: proposed, accepted leaps
                    d=torch.zeros_like(x) if self.base == "ab2" else None,
                    d_leap=torch.zeros_like(x) if self.base == "ab2" else None)
         self._last_step(c, h)
         graphs = graphs_for(x, self.cuda_graphs and not drafter.needs_network)
         arms = torch.zeros(max(self.arms if self.bandit is not None else (self.leap,)) + 1, dtype=torch.long)
-        played, calibration = None, ([] if self.bandit is not None and self.mu_ is None else None)
+        played = None
+        calibration = {"errors": [], "rows": None} if self.bandit is not None and self.mu_ is None else None
+        priced = self.bandit is not None and self.mu_ != 0  # the reward reads each leap's error (or calibrates μ)
         while True:
-            k_h, retry_h, counts, err_h = f.fetch(c.k, c.retry, c.counts, c.err)  # the round's one host sync
-            L_h, rows_h, Lmax, played = self._plan(k_h, retry_h, err_h, grid, arms, played, calibration)
+            k_h, retry_h, counts, *err_h = f.fetch(c.k, c.retry, c.counts, *((c.err,) if priced else ()))  # the
+            L_h, rows_h, Lmax, played = self._plan(k_h, retry_h, err_h[0] if priced else None, grid, arms, played,
+                                                   calibration)  # round's one host sync, then the host's plan
             if Lmax == 0:  # every sample is at t = 1
                 break
             c.L.copy_(L_h, non_blocking=True)  # pageable → device: staged at once, no wait on the device
@@ -278,9 +290,9 @@ class SFM(Sampler):
             graphs(("settle", Lmax), lambda: self._settle(c, drafter, draft, y, s, rows, h_s, t, h, Lmax),
                    group=Lmax)
             stats.rounds += 1
-        if calibration is not None:  # μ: the error of base-N (N median base steps) is worth mu_scale·N calls
-            med = float(np.median(calibration)) if calibration else 0.0
-            self.mu_ = self.mu_scale / (N * med) if med > 0 else 0.0
+        if calibration:  # μ: as much error again as base-N leaves (N median base steps) is worth mu_scale calls
+            med = float(np.median(calibration["errors"])) if calibration["errors"] else 0.0
+            self.mu_ = self.mu_scale / (N * med) if med > 0 and math.isfinite(med) else 0.0
         stats.proposed, stats.accepted = counts.tolist()
         for a, n in enumerate(arms.tolist()):
             if n:
@@ -291,10 +303,11 @@ class SFM(Sampler):
         """Check every leap, commit the accepted ones, show the drafter the target at x̃, take last steps —
         dense over the batch (finished samples masked), in place. Network drafters check the leaping rows only."""
         live = c.k < self.steps
-        if self.check == "local" or (self.bandit is not None and self.mu_ != 0):  # the leap's embedded local
-            trap = c.x + per_sample(s.to(y.dtype) - t[c.k], c.x) * (c.v + c.v_s) / 2  # error estimate (docstring)
-            x1 = x1_hat(y, s.to(y.dtype), c.v_s)
-            c.err.copy_(_norm(y - trap) / _norm(x1).clamp_min(torch.finfo(y.dtype).tiny))
+        # The local check and the priced reward read the leap's embedded error estimate; it costs no call (both
+        # velocities are paid for). Graphs are built per run, and mu_ changes only between runs.
+        if self.check == "local" or (self.bandit is not None and self.mu_ != 0):
+            trap = c.x + per_sample(s.to(y.dtype) - t[c.k], c.x) * (c.v + c.v_s) / 2
+            c.err.copy_(_relative(y - trap, x1_hat(y, s.to(y.dtype), c.v_s)))
         if self.check == "local":  # no draft at the leap's end needed
             ok = ((c.L == 1) | (c.err <= self.tol)) & live
         elif drafter.needs_network:  # eager: its rows are this round's
@@ -328,8 +341,7 @@ class SFM(Sampler):
         """δ ≤ tol per row; L = 1 rows are exact Euler steps and always accepted."""
         s = s.to(y.dtype)
         x1_t = x1_hat(y, s, v_s)
-        x1_d = x1_hat(y, s, drafter(y, s, rows, j, net, step=step))
-        delta = _norm(x1_d - x1_t) / _norm(x1_t).clamp_min(torch.finfo(y.dtype).tiny)
+        delta = _relative(x1_hat(y, s, drafter(y, s, rows, j, net, step=step)) - x1_t, x1_t)
         return (L == 1) | (delta <= self.tol)
 
     def _commit(self, x, v, y, v_s, t, s):
@@ -337,7 +349,8 @@ class SFM(Sampler):
         return y, v_s
 
     def state_dict(self) -> dict:
-        return ({"bandit": self.bandit.state_dict(), "base": self.base, "mu": self.mu_, "check": self.check}
+        return ({"bandit": self.bandit.state_dict(), "base": self.base, "mu": self.mu_, "check": self.check,
+                 "steps": self.steps}
                 if self.bandit is not None else {})
 
     def load_state_dict(self, state: dict) -> None:
@@ -345,20 +358,26 @@ class SFM(Sampler):
             return super().load_state_dict(state)
         if "bandit" not in state:
             raise ValueError(f"expected a state with a 'bandit' entry for {self.name!r}, got keys {sorted(state)}")
-        if state.get("base", "euler") != self.base:  # its rewards were earned by another integrator's leaps
-            raise ValueError(f"sfm state was learnt with base={state.get('base', 'euler')!r} but this sampler has "
-                             f"base={self.base!r}; build it with the same base, or start without the state")
-        if state.get("check", "x1") != self.check:  # other leaps were accepted, so other rewards
-            raise ValueError(f"sfm state was learnt with check={state.get('check', 'x1')!r} but this sampler has "
-                             f"check={self.check!r}; build it with the same check, or start without the state")
+        # rewards earned by another integrator's leaps, another check's acceptances or on another grid (μ divides
+        # by N) mean something else here
+        for key, default in (("base", "euler"), ("check", "x1"), ("steps", self.steps)):
+            if state.get(key, default) != getattr(self, key):
+                raise ValueError(f"sfm state was learnt with {key}={state.get(key, default)!r} but this sampler has "
+                                 f"{key}={getattr(self, key)!r}; build it with the same {key}, or start without "
+                                 f"the state")
         if "mu" not in state:  # learnt before errors were priced: its rewards are calls only
             raise ValueError("this sfm bandit state was learnt with rewards of calls only (before its objective "
                              "priced the leaps' error); start without the state, or relearn it")
-        if self.mu is not None and state["mu"] != self.mu_:
-            raise ValueError(f"sfm state was learnt with mu={state['mu']!r} (its rewards price error at that rate) "
-                             f"but this sampler has mu={self.mu!r}; build it with the same mu, or mu=None")
+        mu = state["mu"]
+        if mu is not None and (isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu)
+                               or mu < 0):
+            raise ValueError(f"sfm state has mu={mu!r}; expected None or a finite number >= 0")
+        if self.mu is not None and mu != self.mu_:
+            learnt = "not learnt yet (saved before its first batch)" if mu is None else f"learnt with mu={mu!r}"
+            raise ValueError(f"sfm state was {learnt} but this sampler has mu={self.mu!r} (rewards priced at "
+                             f"another rate); build it with the same mu, or mu=None")
         self.bandit.load_state_dict(state["bandit"])
-        self.mu_ = None if state["mu"] is None else float(state["mu"])
+        self.mu_ = None if mu is None else float(mu)
 
 
 @dataclasses.dataclass
@@ -371,7 +390,7 @@ class _Chain:
     retry: Tensor   # (B,) bool: the last leap was rejected, so this round steps L = 1
     L: Tensor       # (B,) this round's leap lengths (planned on the host)
     v_s: Tensor     # (B, ...) the target at this round's leap ends (rows of the call; others stale)
-    err: Tensor     # (B,) the embedded local error estimate of this round's leaps (bandit with μ ≠ 0 only)
+    err: Tensor     # (B,) float32: this round's leaps' embedded local error estimates (local check, priced bandit)
     counts: Tensor  # (2,) proposed and accepted leaps (L > 1) over the run
     d: Tensor | None = None       # base="ab2": the velocity each sample used at its step before x_k
     d_leap: Tensor | None = None  # its copy that this round's leap advances (kept only if the leap is)
