@@ -62,6 +62,10 @@ def front_rows(checks=("x1", "local")):
             rows += [(f"front sfm ab2 L{L} {t}", "sfm", dict(leap=L, **o), False) for L in (2, 4, 8)]
             rows += [(f"front sfm ab2 bandit mu0 {t}", "sfm", dict(leap="bandit", mu=0.0, **o), True),
                      (f"front sfm ab2 bandit {t}", "sfm", dict(leap="bandit", **o), True)]
+    # rca has no tol: its fixed leaps are its front; its bandit (Thompson, μ calibrated) is held against them
+    rows += [(f"front rca L{L}", "rca", dict(leap=L), False) for L in (1, 2, 4, 8)]
+    rows += [("front rca bandit", "rca", dict(leap="bandit"), True),
+             ("front rca bandit ucb1", "rca", dict(leap="bandit", policy="ucb1"), True)]
     return rows
 
 
@@ -200,6 +204,8 @@ def print_front(measured):
     front (one per grid) is shown beside them."""
     fixed, by_check = {}, {}  # a fixed leap's front pools its points of every check and tol
     for label, (n, e) in measured.items():
+        if label.startswith("front rca L"):  # one point per leap: their front joins the leaps (stricter than
+            fixed.setdefault("rca fixed", []).append((n, e))  # any single one, and the only way to equal error)
         if label.startswith("front sfm ab2 L"):
             fixed.setdefault(label.split()[3], []).append((n, e))
             check = "accept-all" if label.endswith("accept-all") else "local" if " local " in label else "x1"
@@ -211,8 +217,9 @@ def print_front(measured):
     for label, (n, e) in measured.items():
         if "bandit" not in label:
             continue
-        at = {L: front_nfe(p, e) for L, p in fixed.items()}
-        leaps = [(v, L) for L, v in at.items() if v is not None and L.startswith("L")]
+        mine = "rca" if label.startswith("front rca") else "L"  # a bandit against its own sampler's fixed leaps
+        at = {L: front_nfe(p, e) for L, p in fixed.items() if L.startswith("ab2") or L.startswith(mine)}
+        leaps = [(v, L) for L, v in at.items() if v is not None and not L.startswith("ab2")]
         best = min(leaps) if leaps else None
         fronts = "  ".join(f"{L} {v:.1f}" if v is not None else f"{L} –" for L, v in sorted(at.items()))
         verdict = "outside every front" if best is None else f"best {best[1]}: ratio {n / best[0]:.3f}"

@@ -142,7 +142,6 @@ def test_bandit_state_round_trips_through_the_sampler(name, opts):
     ("sfm", dict(tol=0.0), "tol"), ("sfm", dict(tol=-1), "tol"), ("sfm", dict(leap=0), "leap"),
     ("sfm", dict(arms=()), "empty"), ("sfm", dict(arms=(4, 2)), "increasing"), ("sfm", dict(arms=(0, 2)), "positive"),
     ("sfm", dict(policy="eps"), "ucb1"), ("sfm", dict(drafter="oracle"), "drafter"),
-    ("rca", dict(leap="bandit"), "fixed leap"),
     ("rca", dict(tol=0.1), r"unknown option\(s\) \['tol'\] for sampler 'rca'; valid: steps, schedule, grid, drafter, leap"),
     ("fastflow", dict(arms=()), "empty"), ("fastflow", dict(arms=(0, 4, 2)), "increasing"),
     ("fastflow", dict(arms=(0, 1, 8)), "longer than"), ("fastflow", dict(mu_scale=0), "mu_scale"),
@@ -329,3 +328,48 @@ def test_sfm_local_check_buys_accuracy_at_equal_calls():
 def test_sfm_check_is_checked():
     with pytest.raises(ValueError, match="unknown check 'energy'; valid: x1, local"):
         build_sampler("sfm", steps=20, check="energy")
+
+
+# ------------------------------------------------------------------------------------------ rca's leap bandit
+def test_rca_bandit_calibrates_then_learns_longer_leaps_where_they_are_cheap():
+    """rca's bandit: the first batch is plain L = 1 (the one-call predictor–corrector, N + 1 calls) and sets μ;
+    after it the bandit leaps, one L per round for the batch, and its calls fall well below that."""
+    gm = GaussianMixture.default(dim=64)
+    g = torch.Generator().manual_seed(0)
+    s = build_sampler("rca", steps=50, leap="bandit")
+    first = s.sample(gm, torch.randn(128, 64, dtype=torch.float64, generator=g))
+    assert first.stats.sequential_nfe == 51 and s.mu_ > 0 and set(first.stats.arm_counts) == {1}
+    for _ in range(4):
+        res = s.sample(gm, torch.randn(128, 64, dtype=torch.float64, generator=g))
+    assert res.stats.sequential_nfe < 30 and max(res.stats.arm_counts) > 1
+
+
+def test_rca_bandit_prices_error():
+    """Control for the reward: with a much higher price of error the rca bandit takes shorter leaps (more
+    calls) than with error almost free (mu_scale=1e-6: the longest leaps)."""
+    gm = GaussianMixture.default(dim=64)
+    calls = {}
+    for mu_scale in (1e-6, 100.0):
+        g = torch.Generator().manual_seed(0)
+        s = build_sampler("rca", steps=50, leap="bandit", mu_scale=mu_scale)
+        for _ in range(5):
+            res = s.sample(gm, torch.randn(128, 64, dtype=torch.float64, generator=g))
+        calls[mu_scale] = res.stats.sequential_nfe
+    assert calls[100.0] > 1.5 * calls[1e-6], calls
+
+
+def test_rca_bandit_state_round_trips_and_is_checked():
+    gm = GaussianMixture.default(dim=16)
+    g = torch.Generator().manual_seed(0)
+    a = build_sampler("rca", steps=30, leap="bandit")
+    for _ in range(3):
+        a.sample(gm, torch.randn(64, 16, dtype=torch.float64, generator=g))
+    b = build_sampler("rca", steps=30, leap="bandit")
+    b.load_state_dict(a.state_dict())
+    x0 = torch.randn(64, 16, dtype=torch.float64, generator=g)
+    ra, rb = a.sample(gm, x0), b.sample(gm, x0)
+    assert torch.equal(ra.samples, rb.samples) and ra.stats.arm_counts == rb.stats.arm_counts
+    with pytest.raises(ValueError, match="steps=30"):
+        build_sampler("rca", steps=40, leap="bandit").load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="unknown option"):
+        build_sampler("rca", steps=30, leap="bandit", check="local")

@@ -34,7 +34,8 @@ correction with the endpoint velocity; it is LOSSY BY DESIGN (no fallback, no ch
   x_{k+L} = x_k + (t_{k+L} − t_k)·(v_k + v(x̃, t_{k+L}))/2,    v_{k+L} := v(x̃, t_{k+L})  (reused, not re-evaluated)
 
 With leap = 1 this is the one-call-per-step predictor–corrector "Heun with the predictor's velocity
-reused": second order, N + 1 calls (Heun pays 2N); with N = 1 it is Heun's step exactly.
+reused": second order, N + 1 calls (Heun pays 2N); with N = 1 it is Heun's step exactly. Its
+``leap="bandit"`` learns L per time bucket from the size of the correction it applies (see ``RCA``).
 
 Check (``check="x1" | "local"``): ``x1`` is the seed's δ above. ``local`` accepts a leap when its embedded
 local error estimate is within tol instead,
@@ -406,22 +407,34 @@ class RCA(SFM):
     """Residual correction and acceptance — LOSSY BY DESIGN: every leap is accepted after the trapezoid
     correction x_{k+L} = x_k + (t_{k+L} − t_k)·(v_k + v(x̃, t_{k+L}))/2, and v(x̃, t_{k+L}) is reused as
     v_{k+L} without re-evaluating at the corrected state. One target call per L steps, no error control.
-    Leaps may end at t = 1 (the trapezoid needs v there, as Heun does). ``leap`` is a fixed int: with
-    every leap accepted there is no error signal for a bandit to trade against.
+    Leaps may end at t = 1 (the trapezoid needs v there, as Heun does).
+
+    ``leap="bandit"``: one L per round for the whole batch (all samples move together, so a per-sample choice
+    would save no call), chosen among ``arms`` per time bucket. The correction itself is the error signal:
+    e = ‖x̃ − x_{k+L}‖/‖x̂1(x̃)‖ is sfm's embedded estimate, here the size of the correction rca applies, and
+    the round's reward is L/(1 + μ·mean e) — steps per (call + μ·error), sfm's objective without rejections. μ is
+    calibrated as sfm's on a first batch of L = 1 rounds (the one-call predictor–corrector), from the median of
+    their batch-mean e; a bandit round costs one host sync (a fixed leap: none). Defaults differ from sfm's, as
+    measured on toy64 (benchmarks/RESULTS.md): Thompson sampling (a batch makes only N/L decisions, too few
+    for UCB1's exploration to settle) and mu_scale = 10.
     """
 
     name = "rca"
-    leap: int = 4
+    leap: int | str = 4
+    policy: str = "thompson"
+    mu_scale: float = 10.0
 
     @classmethod
-    def option_names(cls) -> list[str]:  # sfm's check, bandit and graph options mean nothing here
-        return ["steps", "schedule", "grid", "drafter", "leap"]
+    def option_names(cls) -> list[str]:  # sfm's check and graph options mean nothing here
+        return ["steps", "schedule", "grid", "drafter", "leap", "arms", "policy", "buckets", "seed", "mu",
+                "mu_scale"]
 
-    def __post_init__(self):
-        if self.leap == "bandit":
-            raise ValueError("rca accepts every leap, so a bandit has no error signal to learn from; "
-                             "give a fixed leap (an integer >= 1), or use sfm with leap='bandit'")
-        super().__post_init__()
+    @host_side
+    def _choose(self, t: float, room: int) -> tuple[Tensor, int, bool]:
+        """The bandit's context at time t, its leap (at most ``room``) and whether that is its own choice."""
+        ctx = time_bucket(torch.tensor([t]), self.buckets)
+        chosen = int(self.bandit.select(ctx, limit=torch.tensor([room]))[0])
+        return ctx, min(chosen, room), chosen <= room
 
     def _run(self, f, x, grid, draft, generator, stats):
         N, B = self.steps, x.shape[0]
@@ -431,18 +444,38 @@ class RCA(SFM):
         t, h, g = grid.to(x.device, x.dtype), grid.diff().to(x.device, x.dtype), grid.tolist()
         v = f(x, t[0], step=0)
         drafter.observe(rows, x, t[0].expand(B), v, f.features)
+        calibration = [] if self.bandit is not None and self.mu_ is None else None
         k = 0
         while k < N:  # all samples move together: no check, so nothing makes them ragged
-            L = min(self.leap, N - k)
+            mine = False
+            if self.bandit is None:
+                L = min(self.leap, N - k)
+            elif calibration is not None:
+                L = 1
+            else:
+                ctx, L, mine = self._choose(g[k], N - k)
             dt = g[k + L] - g[k]
             x_next = x.add(v, alpha=dt / 2)  # the trapezoid's first half: v is read before any further call
             y = self._leap(drafter, draft, x, v, torch.full((B,), k, device=x.device),
                            torch.full((B,), L, device=x.device), t, h, torch.full((B,), L), L)
             v_s = f(y, t[k + L], step=k + L)  # target at the leap's end (step: the grid index of its time)
             x = x_next.add_(v_s, alpha=dt / 2)  # trapezoid correction, second half
+            if self.bandit is not None and (mine or calibration is not None):
+                e = float(f.fetch(_relative(y - x, x1_hat(y, t[k + L], v_s)).float().mean())[0])
+                if calibration is not None:
+                    calibration.append(e)
+                else:
+                    self._credit(ctx, L, e)
             v = v_s  # reused at the corrected state: the lossy part
             drafter.observe(rows, y, t[k + L].expand(B), v_s, f.features)
             stats.rounds += 1
             stats.arm_counts[L] = stats.arm_counts.get(L, 0) + 1
             k += L
+        if calibration:
+            med = float(np.median(calibration))
+            self.mu_ = self.mu_scale / (N * med) if med > 0 and math.isfinite(med) else 0.0
         return x
+
+    @host_side
+    def _credit(self, ctx: Tensor, L: int, e: float) -> None:
+        self.bandit.update(ctx, torch.tensor([L]), torch.tensor([L / (1 + self.mu_ * e)], dtype=torch.float64))
