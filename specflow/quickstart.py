@@ -2,7 +2,7 @@
 
 1. trains the class-conditional digits target (configs/digits.yaml; scikit-learn's 8×8 digits, no download),
 2. trains Medusa heads on the frozen target (configs/digits_medusa.yaml),
-3. samples the same per-sample noise with euler / heun / sde / speculative / sfm / fastflow,
+3. samples the same per-sample noise with euler / heun / sde / speculative / sfm / rca / fastflow,
 4. prints one table — sequential and total NFE, acceptance, wall time vs the sampler's baseline, FID-proxy
    (features of a small digits classifier, see specflow.metrics) — and writes a comparison grid.
 
@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         ("heun (N/2 steps)", build_sampler("heun", steps=N // 2), None, "euler"),
         ("ab2 (N/4 steps)", build_sampler("ab2", steps=max(2, N // 4)), None, "euler"),  # equal-NFE rival of sfm
         ("sfm extrapolate", build_sampler("sfm", steps=N, drafter="extrapolate", leap=4, tol=0.05), None, "euler"),
+        ("rca L4", build_sampler("rca", steps=N, leap=4), None, "euler"),  # lossy: no check, trapezoid-corrected
+        ("rca bandit", build_sampler("rca", steps=N, leap="bandit"), None, "euler"),  # 1st batch calibrates μ
         ("fastflow", build_sampler("fastflow", steps=N), None, "euler"),
         ("sde", build_sampler("sde", steps=N), None, "sde"),
         ("speculative extrapolate", build_sampler("speculative", steps=N, drafter="extrapolate", window=8), None, "sde"),

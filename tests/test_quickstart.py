@@ -28,7 +28,7 @@ def test_quickstart_smoke(tmp_path):
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     table = (tmp_path / "runs/quickstart/table.txt").read_text()
-    for name in ("euler", "heun", "ab2", "sde", "speculative medusa", "sfm", "fastflow"):
+    for name in ("euler", "heun", "ab2", "sde", "speculative medusa", "sfm", "rca L4", "rca bandit", "fastflow"):
         assert name in table
     assert (tmp_path / "runs/quickstart/samplers.png").stat().st_size > 0
     # Training ends at the step counts (not at a time), so the table is the same on a faster machine.
