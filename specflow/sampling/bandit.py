@@ -1,5 +1,5 @@
 """A small contextual multi-armed bandit: arms are step counts (leap/window/skip lengths), the context is a
-time bucket. Shared by the exact speculative sampler's adaptive window, sfm's leap and fastflow's skip.
+time bucket. Shared by the exact speculative sampler's adaptive window, sfm's and rca's leap and fastflow's skip.
 
     b = Bandit(arms=(1, 2, 4, 8), contexts=4, policy="ucb1", seed=0)
     L = b.select(time_bucket(t, 4))          # (B,) arm VALUES, one per context in the batch
@@ -26,6 +26,8 @@ Objectives, one per sampler, each paying for what the user pays for (the bandit 
 - ``sfm``: steps advanced per unit of cost, cost = the target calls of the leap (the wasted leap and the fallback
   counted) + μ·(the leap's embedded local error estimate), μ calibrated from the run (sfm.py; ``mu=0``: calls
   only — at a fixed tol that drifts to long leaps and their error on real images).
+- ``rca``: the same, per round for the whole batch, with no rejections: L / (1 + μ·mean e), e the size of the
+  trapezoid correction rca applies (sfm.py, ``RCA``).
 - ``fastflow``: μ·(steps skipped) − error at the next real call, μ calibrated from the run (skip.py).
 
 The statistics live on the CPU in float64 (they are tiny); ``select`` returns arms on the context's device.
