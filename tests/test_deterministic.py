@@ -369,7 +369,13 @@ def test_rca_bandit_state_round_trips_and_is_checked():
     x0 = torch.randn(64, 16, dtype=torch.float64, generator=g)
     ra, rb = a.sample(gm, x0), b.sample(gm, x0)
     assert torch.equal(ra.samples, rb.samples) and ra.stats.arm_counts == rb.stats.arm_counts
-    with pytest.raises(ValueError, match="steps=30"):
+    with pytest.raises(ValueError, match="rca state was learnt with steps=30"):
         build_sampler("rca", steps=40, leap="bandit").load_state_dict(a.state_dict())
+    sfm = build_sampler("sfm", steps=30, leap="bandit", policy="thompson")  # same arms and policy: only the
+    sfm.sample(gm, torch.randn(64, 16, dtype=torch.float64, generator=g))  # sampler tells them apart
+    with pytest.raises(ValueError, match="learnt by 'sfm', not 'rca'"):
+        b.load_state_dict(sfm.state_dict())
+    with pytest.raises(ValueError, match="learnt by 'rca', not 'sfm'"):
+        sfm.load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match="unknown option"):
         build_sampler("rca", steps=30, leap="bandit", check="local")

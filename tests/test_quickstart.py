@@ -31,6 +31,8 @@ def test_quickstart_smoke(tmp_path):
     for name in ("euler", "heun", "ab2", "sde", "speculative medusa", "sfm", "rca L4", "rca bandit", "fastflow"):
         assert name in table
     assert (tmp_path / "runs/quickstart/samplers.png").stat().st_size > 0
+    rca_bandit = next(line.split() for line in table.splitlines() if line.startswith("rca bandit"))
+    assert float(rca_bandit[3]) < 17  # warmed up (μ calibrated, arms tried): it leaps in the table's run
     # Training ends at the step counts (not at a time), so the table is the same on a faster machine.
     import torch
 

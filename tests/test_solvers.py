@@ -105,7 +105,7 @@ class _Draft(torch.nn.Module):
     ("euler", {}), ("heun", {}), ("ab2", {}), ("sde", {}), ("fastflow", dict(mu=0.01)),
     ("speculative", dict(window="bandit", policy="thompson")), ("speculative", dict(draft_eta=0.5)),
     ("speculative", dict(drafter="model")), ("sfm", dict(leap="bandit", mu=1.0)), ("sfm", dict(drafter="model")),
-    ("rca", dict(drafter="model")), ("rca", {})], ids=str)
+    ("rca", dict(drafter="model")), ("rca", {}), ("rca", dict(leap="bandit", mu=1.0))], ids=str)
 @pytest.mark.parametrize("strict", [False, True], ids=["nan-in-nan-out", "model-raises-on-nan-input"])
 def test_nan_in_some_rows_is_reported_at_its_rows(name, options, strict):
     """NaN only for samples with x[0] > 0 from t > 0.35 (grid of 20): every sampler reports the target's

@@ -1,6 +1,6 @@
 """Host syncs per round: a GPU sampler loses time whenever the host waits for the device, so the samplers
-promise a fixed number of waits — none for the plain solvers and rca, one per round (``Evaluator.fetch``) for
-``speculative`` and ``sfm``, besides the shell's one check of the input noise. This runs on the CPU:
+promise a fixed number of waits — none for the plain solvers and rca with a fixed leap, one per round
+(``Evaluator.fetch``) for ``speculative``, ``sfm`` and rca's leap bandit (the correction its reward reads), besides the shell's one check of the input noise. This runs on the CPU:
 ``OpCounter`` counts every op that would make the host wait for a CUDA device (reading a value, nonzero,
 boolean-mask indexing, a copy to the host, …) outside the model and outside ``@host_side`` code. Controls
 show the counter sees a hidden sync, however it is written.
@@ -52,6 +52,14 @@ def test_speculative_samplers_sync_once_per_round(name, options):
     assert len(counter.syncs) == NOISE_CHECK
     assert counter.calls["Evaluator.fetch"] == stats.rounds + 1  # one per round + the one that finds all done
     assert counter.ops > 10 * stats.rounds  # the counter does see the round's device work
+
+
+@pytest.mark.parametrize("mu,fetches", [(1.0, "rounds"), (0.0, "none")])
+def test_rca_bandit_syncs_once_per_round_when_it_prices_error(mu, fetches):
+    counter, stats = _count("rca", leap="bandit", mu=mu)
+    assert stats.rounds > 3 and len(counter.syncs) == NOISE_CHECK
+    # priced: one fetch per round (the round's NaN checks ride on it); calls only: the one deferred check at the end
+    assert counter.calls["Evaluator.fetch"] == (stats.rounds if fetches == "rounds" else 1)
 
 
 def test_fastflow_syncs_once_per_real_call():

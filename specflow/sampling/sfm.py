@@ -93,6 +93,15 @@ from specflow.sampling.solvers import ab2_weights, check_base
 CHECKS = ("x1", "local")
 
 
+def _calibrated_mu(errors, mu_scale: float, N: int) -> float:
+    """μ = mu_scale/(N·median e) over the calibration's finite errors (an overflowing low-precision step must
+    not decide the price); 0 (calls only) when no error is positive."""
+    e = np.asarray(errors, dtype=np.float64)
+    e = e[np.isfinite(e)]
+    med = float(np.median(e)) if e.size else 0.0
+    return mu_scale / (N * med) if med > 0 else 0.0
+
+
 def _norm(x: Tensor) -> Tensor:
     return x.flatten(1).norm(dim=1)
 
@@ -292,8 +301,7 @@ class SFM(Sampler):
                    group=Lmax)
             stats.rounds += 1
         if calibration:  # μ: as much error again as base-N leaves (N median base steps) is worth mu_scale calls
-            med = float(np.median(calibration["errors"])) if calibration["errors"] else 0.0
-            self.mu_ = self.mu_scale / (N * med) if med > 0 and math.isfinite(med) else 0.0
+            self.mu_ = _calibrated_mu(calibration["errors"], self.mu_scale, N)
         stats.proposed, stats.accepted = counts.tolist()
         for a, n in enumerate(arms.tolist()):
             if n:
@@ -350,8 +358,8 @@ class SFM(Sampler):
         return y, v_s
 
     def state_dict(self) -> dict:
-        return ({"bandit": self.bandit.state_dict(), "base": self.base, "mu": self.mu_, "check": self.check,
-                 "steps": self.steps}
+        return ({"sampler": self.name, "bandit": self.bandit.state_dict(), "base": self.base, "mu": self.mu_,
+                 "check": self.check, "steps": self.steps}
                 if self.bandit is not None else {})
 
     def load_state_dict(self, state: dict) -> None:
@@ -359,23 +367,27 @@ class SFM(Sampler):
             return super().load_state_dict(state)
         if "bandit" not in state:
             raise ValueError(f"expected a state with a 'bandit' entry for {self.name!r}, got keys {sorted(state)}")
-        # rewards earned by another integrator's leaps, another check's acceptances or on another grid (μ divides
-        # by N) mean something else here
+        # rewards earned by the other leap sampler (sfm: per sample, with rejections; rca: per batch round), by
+        # another integrator's leaps, another check's acceptances or on another grid (μ divides by N) mean
+        # something else here
+        if state.get("sampler", "sfm") != self.name:
+            raise ValueError(f"this bandit state was learnt by {state.get('sampler', 'sfm')!r}, not {self.name!r}: "
+                             f"their rewards differ; start without the state")
         for key, default in (("base", "euler"), ("check", "x1"), ("steps", self.steps)):
             if state.get(key, default) != getattr(self, key):
-                raise ValueError(f"sfm state was learnt with {key}={state.get(key, default)!r} but this sampler has "
-                                 f"{key}={getattr(self, key)!r}; build it with the same {key}, or start without "
-                                 f"the state")
+                raise ValueError(f"{self.name} state was learnt with {key}={state.get(key, default)!r} but this "
+                                 f"sampler has {key}={getattr(self, key)!r}; build it with the same {key}, or start "
+                                 f"without the state")
         if "mu" not in state:  # learnt before errors were priced: its rewards are calls only
-            raise ValueError("this sfm bandit state was learnt with rewards of calls only (before its objective "
+            raise ValueError(f"this {self.name} bandit state was learnt with rewards of calls only (before its objective "
                              "priced the leaps' error); start without the state, or relearn it")
         mu = state["mu"]
         if mu is not None and (isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu)
                                or mu < 0):
-            raise ValueError(f"sfm state has mu={mu!r}; expected None or a finite number >= 0")
+            raise ValueError(f"{self.name} state has mu={mu!r}; expected None or a finite number >= 0")
         if self.mu is not None and mu != self.mu_:
             learnt = "not learnt yet (saved before its first batch)" if mu is None else f"learnt with mu={mu!r}"
-            raise ValueError(f"sfm state was {learnt} but this sampler has mu={self.mu!r} (rewards priced at "
+            raise ValueError(f"{self.name} state was {learnt} but this sampler has mu={self.mu!r} (rewards priced at "
                              f"another rate); build it with the same mu, or mu=None")
         self.bandit.load_state_dict(state["bandit"])
         self.mu_ = None if mu is None else float(mu)
@@ -432,7 +444,7 @@ class RCA(SFM):
     @host_side
     def _choose(self, t: float, room: int) -> tuple[Tensor, int, bool]:
         """The bandit's context at time t, its leap (at most ``room``) and whether that is its own choice."""
-        ctx = time_bucket(torch.tensor([t]), self.buckets)
+        ctx = time_bucket(torch.tensor([t], dtype=torch.float64), self.buckets)
         chosen = int(self.bandit.select(ctx, limit=torch.tensor([room]))[0])
         return ctx, min(chosen, room), chosen <= room
 
@@ -460,7 +472,9 @@ class RCA(SFM):
                            torch.full((B,), L, device=x.device), t, h, torch.full((B,), L), L)
             v_s = f(y, t[k + L], step=k + L)  # target at the leap's end (step: the grid index of its time)
             x = x_next.add_(v_s, alpha=dt / 2)  # trapezoid correction, second half
-            if self.bandit is not None and (mine or calibration is not None):
+            if mine and self.mu_ == 0:  # calls only: nothing to read from the device
+                self._credit(ctx, L, 0.0)
+            elif mine or calibration is not None:
                 e = float(f.fetch(_relative(y - x, x1_hat(y, t[k + L], v_s)).float().mean())[0])
                 if calibration is not None:
                     calibration.append(e)
@@ -472,8 +486,7 @@ class RCA(SFM):
             stats.arm_counts[L] = stats.arm_counts.get(L, 0) + 1
             k += L
         if calibration:
-            med = float(np.median(calibration))
-            self.mu_ = self.mu_scale / (N * med) if med > 0 and math.isfinite(med) else 0.0
+            self.mu_ = _calibrated_mu(calibration, self.mu_scale, N)
         return x
 
     @host_side
