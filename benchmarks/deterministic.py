@@ -54,7 +54,8 @@ def front_rows(checks=("x1", "local")):
     """``--front``: sfm (base ab2) with each fixed leap and with the leap bandit (calls only, μ = 0; and error-
     priced, μ calibrated) at every tol of each check — the error/NFE front of each policy, which tol sweeps."""
     # accept-all (tol = inf): a leap's fewest calls, so every front's cheapest point is a true floor
-    rows = [(f"front sfm ab2 L{L} accept-all", "sfm", dict(leap=L, tol=math.inf, base="ab2"), False) for L in (2, 4, 8)]
+    rows = [(f"front sfm ab2 L{L} accept-all", "sfm", dict(leap=L, tol=math.inf, base="ab2"), False)
+            for L in (2, 4, 8)]
     for check in checks:
         for tol in FRONT_TOLS[check]:
             t = ("" if check == "x1" else "local ") + f"tol{tol:g}".replace("0.", ".")
@@ -108,8 +109,12 @@ def timed(sampler, model, x0, cond, draft=None):
     return res, res.stats.wall_time_s
 
 
+def relative_error(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
 def error(a, b, image):
-    rel = float((a - b).norm() / b.norm())
+    rel = relative_error(a, b)
     if not image:
         return f"{rel:.2e}"
     mse = float(((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).mean())
@@ -126,7 +131,7 @@ def table(model_name, N, args, guidance=None):
 
     def add(label, res, ref_time):
         s = res.stats
-        measured[label] = (s.total_nfe, float((res.samples - fine).norm() / fine.norm()))
+        measured[label] = (s.total_nfe, relative_error(res.samples, fine))
         acc = "" if math.isnan(s.acceptance_rate) else f"{s.acceptance_rate:.2f}"
         rows.append((label, f"{s.total_nfe:.1f}", str(s.sequential_nfe), acc, error(res.samples, eN, image),
                      error(res.samples, fine, image), f"{s.wall_time_s / ref_time:.2f}"))

@@ -67,9 +67,14 @@ def check_arms(arms) -> tuple[int, ...]:
     return arms
 
 
+def finite_nonneg(value) -> bool:
+    """A price of the objectives below (λ, μ): a real number (not a bool), finite and ≥ 0."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+
+
 def check_price(price) -> float:
     """``compute_price`` λ: a finite number ≥ 0, else a ValueError saying so."""
-    if isinstance(price, bool) or not isinstance(price, (int, float)) or not math.isfinite(price) or price < 0:
+    if not finite_nonneg(price):
         raise ValueError(f"compute_price must be a finite number >= 0 (0: latency only; 1: a target row costs as "
                          f"much as a sequential call), got {price!r}")
     return float(price)

@@ -51,7 +51,8 @@ tol is on another scale (toy64 and fashion: 3e-4 … 3e-2; δ's: 0.01 … 0.2). 
 Base (``base="euler" | "ab2"``): the step every leap, fallback and last step is made of. With ``ab2`` each is a
 variable-step Adams–Bashforth 2 step with the velocity of this step and the one the sample used at its step
 before (real or drafted; r = h_i/h_{i−1}; a sample's first step is Euler): with no leap accepted the output is
-``ab2``-N exactly, and an accepted leap carries second-order error. The checks are unchanged. ``rca`` keeps its own trapezoid (no base option).
+``ab2``-N exactly, and an accepted leap carries second-order error. The checks are unchanged. ``rca`` keeps its
+own trapezoid (no base option).
 
 Bandit (``leap="bandit"``): L is chosen per sample among ``arms`` with context = time bucket of t_k; the
 reward of a decision is steps advanced per unit of cost, cost = the target calls it caused + μ·(the local error
@@ -65,24 +66,23 @@ Why error is priced: the x̂1 check bounds the draft/target disagreement at the 
 deviation along it, and at a fixed tol an accepted long leap leaves more error per step (fashion, N = 50, tol
 .05: a leap's true local error per step 2.7e-4 at L = 2, 4.8e-4 at L = 4, 1.1e-3 at L = 8; e tracks it with
 log-correlation 0.94–0.97, δ with 0.58–0.73), so a reward of calls alone drifts to long leaps and their error.
-μ (calls per unit of e) is calibrated on the first batch the bandit sees, like fastflow's: that batch takes base steps only (L = 1: ``base``-N exactly) and sets
-μ = mu_scale / (N·median(e of its steps)), N·median(e) standing for the error base-N leaves. Summed over a
-run, the cost is then calls + mu_scale·(Σe / base-N's Σe): as much error again as base-N leaves is worth
-mu_scale calls (default 3: the best of 1, 3, 10 measured, benchmarks/RESULTS.md). μ belongs to the grid it
-was calibrated on (it divides by N). ``mu=0`` prices calls
+μ (calls per unit of e) is calibrated on the first batch the bandit sees, like fastflow's: that batch takes
+base steps only (L = 1: ``base``-N exactly) and sets μ = mu_scale / (N·median(e of its steps)), N·median(e)
+standing for the error base-N leaves. Summed over a run, the cost is then calls + mu_scale·(Σe / base-N's Σe):
+as much error again as base-N leaves is worth mu_scale calls (default 3: the best of 1, 3, 10 measured,
+benchmarks/RESULTS.md). μ belongs to the grid it was calibrated on (it divides by N). ``mu=0`` prices calls
 only (the objective before; ``mu`` given: no calibration). Only arms that fit before t_{N−1} are eligible.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from specflow.path import per_sample, x1_hat
-from specflow.sampling.bandit import POLICIES, Bandit, check_arms, time_bucket
+from specflow.sampling.bandit import POLICIES, Bandit, check_arms, finite_nonneg, time_bucket
 from specflow.sampling.base import Sampler, register
 from specflow.sampling.drafters import DRAFTERS, make_drafter
 from specflow.sampling.graphs import for_tensor as graphs_for
@@ -111,6 +111,12 @@ def _relative(diff: Tensor, ref: Tensor) -> Tensor:
     return _norm(diff) / _norm(ref).clamp_min(torch.finfo(ref.dtype).eps)
 
 
+def _leap_error(y: Tensor, x_trap: Tensor, s: Tensor, v_s: Tensor) -> Tensor:
+    """The leap's embedded local error estimate e = ‖x̃ − x_trap‖/‖x̂1_target(x̃, s)‖ per sample (module docstring):
+    sfm's local check and priced reward, and the size of rca's correction."""
+    return _relative(y - x_trap, x1_hat(y, s, v_s))
+
+
 def _euler(y, v, k, h, d=None, m=None, d_out=None, pos=None):
     return y + per_sample(h[k], y) * v
 
@@ -134,11 +140,11 @@ def _ab2(y, v, k, h, d, m, d_out=None, pos=None):
 class SFM(Sampler):
     """Speculative flow matching: leap with a drafter, verify with one target call, fall back to Euler.
 
-    Options: ``drafter`` (see drafters.py), ``leap`` (int ≥ 1 or "bandit"), ``arms`` (leap lengths for the
-    bandit), ``tol`` (the check's relative tolerance, > 0), ``check`` ("x1" | "local"), ``policy`` ("ucb1" | "thompson"), ``buckets`` (time
-    buckets = bandit contexts), ``seed`` (bandit seed), ``mu`` / ``mu_scale`` (the bandit's price of error:
-    None / scale to calibrate it), ``cuda_graphs`` (on CUDA, replay the round's two fixed-shape pieces as CUDA
-    graphs, see graphs.py; drafters without a network). See the module docstring.
+    Options: ``drafter`` (see drafters.py), ``leap`` (int ≥ 1 or "bandit"), ``arms`` (leap lengths for the bandit),
+    ``tol`` (the check's relative tolerance, > 0), ``check`` ("x1" | "local"), ``policy`` ("ucb1" | "thompson"),
+    ``buckets`` (time buckets = bandit contexts), ``seed`` (bandit seed), ``mu`` / ``mu_scale`` (the bandit's price
+    of error: None / scale to calibrate it), ``cuda_graphs`` (on CUDA, replay the round's two fixed-shape pieces as
+    CUDA graphs, see graphs.py; drafters without a network). See the module docstring.
     """
 
     name = "sfm"
@@ -159,8 +165,7 @@ class SFM(Sampler):
     def __post_init__(self):
         super().__post_init__()
         check_base(self.base)
-        if self.mu is not None and (isinstance(self.mu, bool) or not isinstance(self.mu, (int, float))
-                                    or not math.isfinite(self.mu) or self.mu < 0):
+        if self.mu is not None and not finite_nonneg(self.mu):
             raise ValueError(f"mu (calls per unit of a leap's relative local error) must be a finite number >= 0, "
                              f"or None to calibrate it on the first batch; got {self.mu!r}")
         if isinstance(self.mu_scale, bool) or not isinstance(self.mu_scale, (int, float)) or not self.mu_scale > 0:
@@ -190,6 +195,11 @@ class SFM(Sampler):
     @property
     def needs_features(self) -> bool:  # medusa: the target call also returns its trunk features
         return DRAFTERS[self.drafter].needs_features
+
+    @property
+    def _prices_error(self) -> bool:
+        """The bandit's reward reads each leap's error estimate (μ ≠ 0, or None: still to be calibrated)."""
+        return self.bandit is not None and self.mu_ != 0
 
     @host_side
     def _plan(self, k: Tensor, retry: Tensor, err: Tensor | None, grid: Tensor, arms: Tensor, played, calibration):
@@ -281,7 +291,7 @@ class SFM(Sampler):
         arms = torch.zeros(max(self.arms if self.bandit is not None else (self.leap,)) + 1, dtype=torch.long)
         played = None
         calibration = {"errors": [], "rows": None} if self.bandit is not None and self.mu_ is None else None
-        priced = self.bandit is not None and self.mu_ != 0  # the reward reads each leap's error (or calibrates μ)
+        priced = self._prices_error  # fixed for the run: μ changes only after it
         while True:
             k_h, retry_h, counts, *err_h = f.fetch(c.k, c.retry, c.counts, *((c.err,) if priced else ()))  # the
             L_h, rows_h, Lmax, played = self._plan(k_h, retry_h, err_h[0] if priced else None, grid, arms, played,
@@ -314,9 +324,9 @@ class SFM(Sampler):
         live = c.k < self.steps
         # The local check and the priced reward read the leap's embedded error estimate; it costs no call (both
         # velocities are paid for). Graphs are built per run, and mu_ changes only between runs.
-        if self.check == "local" or (self.bandit is not None and self.mu_ != 0):
+        if self.check == "local" or self._prices_error:
             trap = c.x + per_sample(s.to(y.dtype) - t[c.k], c.x) * (c.v + c.v_s) / 2
-            c.err.copy_(_relative(y - trap, x1_hat(y, s.to(y.dtype), c.v_s)))
+            c.err.copy_(_leap_error(y, trap, s.to(y.dtype), c.v_s))
         if self.check == "local":  # no draft at the leap's end needed
             ok = ((c.L == 1) | (c.err <= self.tol)) & live
         elif drafter.needs_network:  # eager: its rows are this round's
@@ -379,11 +389,10 @@ class SFM(Sampler):
                                  f"sampler has {key}={getattr(self, key)!r}; build it with the same {key}, or start "
                                  f"without the state")
         if "mu" not in state:  # learnt before errors were priced: its rewards are calls only
-            raise ValueError(f"this {self.name} bandit state was learnt with rewards of calls only (before its objective "
-                             "priced the leaps' error); start without the state, or relearn it")
+            raise ValueError(f"this {self.name} bandit state was learnt with rewards of calls only (before its "
+                             "objective priced the leaps' error); start without the state, or relearn it")
         mu = state["mu"]
-        if mu is not None and (isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu)
-                               or mu < 0):
+        if mu is not None and not finite_nonneg(mu):
             raise ValueError(f"{self.name} state has mu={mu!r}; expected None or a finite number >= 0")
         if self.mu is not None and mu != self.mu_:
             learnt = "not learnt yet (saved before its first batch)" if mu is None else f"learnt with mu={mu!r}"
@@ -475,7 +484,7 @@ class RCA(SFM):
             if mine and self.mu_ == 0:  # calls only: nothing to read from the device
                 self._credit(ctx, L, 0.0)
             elif mine or calibration is not None:
-                e = float(f.fetch(_relative(y - x, x1_hat(y, t[k + L], v_s)).float().mean())[0])
+                e = float(f.fetch(_leap_error(y, x, t[k + L], v_s).float().mean())[0])
                 if calibration is not None:
                     calibration.append(e)
                 else:
