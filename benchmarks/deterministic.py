@@ -20,6 +20,7 @@ each classifier-free guidance scale of --guidance (1: the plain conditional mode
 """
 import argparse
 import math
+import re
 import time
 
 import torch
@@ -47,22 +48,33 @@ ACCEL = [  # (label, sampler, options, learns online)
     ("fastflow ab2 mu x3", "fastflow", dict(base="ab2", mu_scale=3.0), True),
 ]
 
-FRONT_TOLS = {"x1": (0.01, 0.02, 0.05, 0.1, 0.2), "local": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)}
+MUS = (10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)  # the accept-all bandit's μ, half a decade apart
+FRONT_TOLS = {"x1": (0.01, 0.02, 0.05, 0.1, 0.2), "local": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)}
 
 
 def front_rows(checks=("x1", "local")):
     """``--front``: sfm (base ab2) with each fixed leap and with the leap bandit (calls only, μ = 0; and error-
-    priced, μ calibrated) at every tol of each check — the error/NFE front of each policy, which tol sweeps."""
+    priced: μ calibrated with the x1 check, μ = 4/tol with the local check) at every tol of each check, and the
+    bandit with no check over μ — the error/NFE front of each policy, which tol (or μ) sweeps."""
     # accept-all (tol = inf): a leap's fewest calls, so every front's cheapest point is a true floor
     rows = [(f"front sfm ab2 L{L} accept-all", "sfm", dict(leap=L, tol=math.inf, base="ab2"), False)
             for L in (2, 4, 8)]
+    # the bandit with no check at all: its price of error alone controls the error. μ given (not calibrated on
+    # base-N, which ties it to N): a leap is worth taking while its error stays below ~1/(2μ), so μ is the knob
+    rows += [(f"front sfm ab2 bandit priced {pol} accept-all mu{m:g}", "sfm",
+              dict(leap="bandit", tol=math.inf, check="local", base="ab2", mu=float(m), policy=pol), True)
+             for pol in ("thompson", "ucb1") for m in MUS]
     for check in checks:
         for tol in FRONT_TOLS[check]:
             t = ("" if check == "x1" else "local ") + f"tol{tol:g}".replace("0.", ".")
             o = dict(tol=tol, base="ab2", check=check)
             rows += [(f"front sfm ab2 L{L} {t}", "sfm", dict(leap=L, **o), False) for L in (2, 4, 8)]
-            rows += [(f"front sfm ab2 bandit mu0 {t}", "sfm", dict(leap="bandit", mu=0.0, **o), True),
-                     (f"front sfm ab2 bandit {t}", "sfm", dict(leap="bandit", **o), True)]
+            rows += [(f"front sfm ab2 bandit mu0 {t}", "sfm", dict(leap="bandit", mu=0.0, **o), True)]
+            if check == "x1":  # μ calibrated on a base-N batch
+                rows += [(f"front sfm ab2 bandit {t}", "sfm", dict(leap="bandit", **o), True)]
+            else:  # μ = 4/tol (sfm.LOCAL_MU_TOL): with the accept-all rows above, one priced policy per bandit policy
+                rows += [(f"front sfm ab2 bandit priced {pol} {t}", "sfm", dict(leap="bandit", policy=pol, **o), True)
+                         for pol in ("ucb1", "thompson")]
     # rca has no tol: its fixed leaps are its front; its bandit (Thompson, μ calibrated) is held against them
     rows += [(f"front rca L{L}", "rca", dict(leap=L), False) for L in (1, 2, 4, 8)]
     rows += [("front rca bandit", "rca", dict(leap="bandit"), True),
@@ -122,11 +134,17 @@ def error(a, b, image):
 
 
 def table(model_name, N, args, guidance=None):
+    """One table (prints it); returns {label: (total NFE, relative error vs the fine reference)}."""
     model, shape, dtype, make_cond, image = load_model(model_name, args, guidance)
     g = torch.Generator().manual_seed(args.seed)
     x0 = torch.randn(args.batch, *shape, generator=g, dtype=dtype).to(args.device)
     cond = make_cond(args.batch, g) if make_cond else None
-    fine = build_sampler("heun", steps=4 * N).sample(model, x0, cond=cond).samples
+    # --front: one reference for every N (heun with 4× the largest), so the fronts can be pooled over N
+    M = 4 * (max(args.steps) if args.front else N)
+    key = (model_name, guidance, M)
+    if key not in args.fine:
+        args.fine[key] = build_sampler("heun", steps=M).sample(model, x0, cond=cond).samples
+    fine = args.fine[key]
     rows, measured = [], {}  # measured: label → (total NFE, relative error vs the fine reference)
 
     def add(label, res, ref_time):
@@ -182,6 +200,7 @@ def table(model_name, N, args, guidance=None):
         print("  ".join(str(v).ljust(w[i]) for i, v in enumerate(r)))
     if args.front:
         print_front(measured)
+    return measured
 
 
 def front_nfe(points, err):
@@ -203,12 +222,13 @@ def front_nfe(points, err):
     return None
 
 
-def print_front(measured):
+def print_front(measured, title="bandit point vs the fixed leaps' fronts at equal error"):
     """Each bandit point against the best fixed leap's front at its error (``--front``): the goal is a ratio
     NFE / front NFE ≤ 1 — as few calls per step as the best fixed leap at equal error. The plain ab2 rival's
     front (one per grid) is shown beside them."""
     fixed, by_check = {}, {}  # a fixed leap's front pools its points of every check and tol
     for label, (n, e) in measured.items():
+        label = re.sub(r" N\d+$", "", label)  # pooled over N: a leap's (or a grid's) points of every N
         if label.startswith("front rca L"):  # one point per leap: their front joins the leaps (stricter than
             fixed.setdefault("rca fixed", []).append((n, e))  # any single one, and the only way to equal error)
         if label.startswith("front sfm ab2 L"):
@@ -217,8 +237,7 @@ def print_front(measured):
             by_check.setdefault(check, []).append((label, n, e))
         elif label.strip().startswith("ab2-"):  # the plain rival, one front per grid
             fixed.setdefault(" ".join(["ab2"] + label.split()[1:]), []).append((n, e))
-    print("\nbandit point vs the fixed leaps' fronts at equal error (each front: a leap's Pareto points over tol "
-          "and check, NFE interpolated in log error)")
+    print(f"\n{title} (each front: a leap's Pareto points over tol and check, NFE interpolated in log error)")
     for label, (n, e) in measured.items():
         if "bandit" not in label:
             continue
@@ -244,6 +263,53 @@ def print_front(measured):
             best_ab2 = [v for p in ab2 if (v := front_nfe(p, e)) is not None]
             print(f"  {label:32s} NFE {n:5.1f} err {e:.2e} | {others} | ab2 "
                   + (f"{min(best_ab2):.1f}" if best_ab2 else "–"))
+
+
+def _family(label: str) -> tuple[str, str]:
+    """(a policy's family, the knobs that set this point): a bandit's rows of every N and tol (and μ, for the
+    accept-all bandit) are one policy; the fixed leaps of every L, N, tol and check are "sfm fixed leaps"."""
+    if label.startswith("front sfm ab2 L"):
+        return "sfm fixed leaps", label[len("front sfm ab2 "):]
+    if label.startswith("front rca L"):
+        return "rca fixed leaps", label[len("front rca "):]
+    if label.strip().startswith("ab2-"):
+        return "ab2 (any grid)", label.strip()
+    toks = label.split()  # the priced bandits' knobs: N, μ and the check (none, or local at tol = 4/μ)
+    knob = lambda w: re.fullmatch(r"N\d+|tol\S*", w) or ("priced" in toks and re.fullmatch(r"mu\S+|local|accept-all", w))
+    return " ".join(w for w in toks if not knob(w)), " ".join(w for w in toks if knob(w))
+
+
+def print_families(measured):
+    """Each bandit policy's Pareto front over all its knobs (N, tol, μ) against the best fixed leap's over all of
+    its own (N, L, tol, check) — the user picks every knob, so "as good as the best fixed leap in hindsight" is
+    front against front: at each Pareto point of the policy, the NFE the fixed front needs for that error."""
+    fam = {}
+    for label, (n, e) in measured.items():
+        f, knobs = _family(label)
+        fam.setdefault(f, []).append((n, e, knobs))
+    pts = lambda f: [(n, e) for n, e, _ in fam.get(f, [])]
+    print("\neach policy's Pareto front over all its knobs against the fixed leaps' and ab2's (any N, L, tol, check;"
+          " any grid)")
+    for f, points in fam.items():
+        if "bandit" not in f:
+            continue
+        rival = "rca fixed leaps" if f.startswith("front rca") else "sfm fixed leaps"
+        pareto, best, ratios = [], math.inf, []
+        for n, e, knobs in sorted(points):
+            if e < best:
+                pareto.append((n, e, knobs))
+                best = e
+        print(f"  {f}: {len(pareto)} Pareto points of {len(points)}")
+        for n, e, knobs in pareto:
+            v, a = front_nfe(pts(rival), e), front_nfe(pts("ab2 (any grid)"), e)
+            if v is not None:
+                ratios.append(n / v)
+            print(f"    NFE {n:5.1f} err {e:.2e} ({knobs:>14}) | {rival} "
+                  + (f"{v:5.1f} ratio {n / v:.2f}" if v is not None else "  –  (beyond its front)")
+                  + " | ab2 " + (f"{a:5.1f}" if a is not None else "–"))
+        if ratios:
+            print(f"    ratio ≤ 1 at {sum(r <= 1 for r in ratios)} of {len(ratios)} points "
+                  f"(median {sorted(ratios)[len(ratios) // 2]:.2f})")
 
 
 def main():
@@ -274,12 +340,17 @@ def main():
         args.front = list(FRONT_TOLS)
     if args.threads:
         torch.set_num_threads(args.threads)
-    for m in args.models:
+    args.fine = {}
+    runs = [(m, None) for m in args.models] + [(args.ckpt, g) for g in (args.guidance if args.ckpt else [])]
+    for m, g in runs:
+        joint = {}
         for N in args.steps:
-            table(m, N, args)
-    for g in (args.guidance if args.ckpt else []):
-        for N in args.steps:
-            table(args.ckpt, N, args, g)
+            joint.update({f"{label} N{N}": v for label, v in table(m, N, args, g).items()})
+        if args.front and len(args.steps) > 1:  # the user picks N too: every policy's front over N and its knobs
+            gs = "" if g is None else f", guidance {g:g}"
+            print(f"\n### {m}{gs}, N = {' '.join(map(str, args.steps))} pooled")
+            print_front(joint, "bandit point vs the fixed leaps' fronts pooled over N at equal error")
+            print_families(joint)
 
 
 if __name__ == "__main__":

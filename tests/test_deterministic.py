@@ -249,7 +249,7 @@ def test_sfm_bandit_calibrates_mu_on_a_plain_base_batch():
 def _priced_run(**opts):
     gm = GaussianMixture.default(dim=64)
     g = torch.Generator().manual_seed(1)
-    s = build_sampler("sfm", steps=50, leap="bandit", tol=0.2, base="ab2", **opts)
+    s = build_sampler("sfm", steps=50, leap="bandit", base="ab2", **{"tol": 0.2, **opts})
     for _ in range(3):
         s.sample(gm, torch.randn(128, 64, dtype=torch.float64, generator=g))
     x0 = torch.randn(128, 64, dtype=torch.float64, generator=g)
@@ -266,6 +266,33 @@ def test_sfm_bandit_error_price_buys_accuracy_with_shorter_leaps():
     priced_leap, priced_err = _priced_run(mu_scale=10.0)
     assert priced_leap < 0.8 * calls_leap and priced_err < 0.7 * calls_err, (calls_leap, calls_err, priced_leap,
                                                                               priced_err)
+
+
+def test_sfm_local_check_bandit_prices_error_at_its_tol():
+    """With the local check, tol and μ are on one scale: μ = LOCAL_MU_TOL/tol, no calibration batch (the first
+    batch already leaps); a stricter tol prices error higher, so the bandit takes shorter leaps and leaves less
+    error than a calls-only bandit (μ = 0, the control) at the same tol."""
+    from specflow.sampling.sfm import LOCAL_MU_TOL
+
+    s = build_sampler("sfm", steps=50, leap="bandit", check="local", tol=1e-3, base="ab2")
+    assert s.mu_ == pytest.approx(LOCAL_MU_TOL / 1e-3)
+    gm = GaussianMixture.default(dim=16)
+    first = s.sample(gm, torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    assert max(first.stats.arm_counts) > 1  # leapt in its first batch: nothing to calibrate
+    priced_leap, priced_err = _priced_run(check="local", tol=1e-3, policy="thompson")
+    calls_leap, calls_err = _priced_run(check="local", tol=1e-3, policy="thompson", mu=0.0)
+    assert priced_leap < 0.9 * calls_leap and priced_err < calls_err, (priced_leap, priced_err, calls_leap, calls_err)
+    # accept-all has no tol to derive μ from: calibrated as with the x1 check
+    assert build_sampler("sfm", leap="bandit", check="local", tol=float("inf")).mu_ is None
+
+
+def test_sfm_state_priced_at_another_tol_is_an_error():
+    learnt = build_sampler("sfm", steps=20, leap="bandit", check="local", tol=1e-2).state_dict()
+    with pytest.raises(ValueError, match="tol with the local check"):
+        build_sampler("sfm", steps=20, leap="bandit", check="local", tol=1e-3).load_state_dict(learnt)
+    same = build_sampler("sfm", steps=20, leap="bandit", check="local", tol=1e-2)
+    same.load_state_dict(learnt)
+    assert same.mu_ == learnt["mu"]
 
 
 @pytest.mark.parametrize("opts,match", [(dict(mu=-1.0), "mu"), (dict(mu=float("nan")), "mu"), (dict(mu="high"), "mu"),

@@ -72,10 +72,19 @@ standing for the error base-N leaves. Summed over a run, the cost is then calls 
 as much error again as base-N leaves is worth mu_scale calls (default 3: the best of 1, 3, 10 measured,
 benchmarks/RESULTS.md). μ belongs to the grid it was calibrated on (it divides by N). ``mu=0`` prices calls
 only (the objective before; ``mu`` given: no calibration). Only arms that fit before t_{N−1} are eligible.
+
+With ``check="local"`` μ is not calibrated but follows from tol, which is then on the same scale: a leap is worth
+its error while μ·e stays below about 1/2 (L/(1 + μ·e) stops growing with L where the leap's error, ∝ L³, reaches
+1/(2μ)), so μ = LOCAL_MU_TOL/tol = 4/tol aims the leaps at tol/8 and the check rejects the ones that miss by 8×.
+One knob then sets both, and unlike a calibrated μ (∝ N², through base-N's error) it means the same on every
+grid. With tol = ∞ (no check) give μ itself. Pooled over N = 25…200 on toy64 (``deterministic.py --front``,
+benchmarks/RESULTS.md), this priced bandit — local check or none — is as cheap as the best fixed leap at equal
+error or cheaper at 10 of its 15 Pareto points with Thompson sampling (median 0.86×), the x̂1-checked one at 2 of 6.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -91,6 +100,10 @@ from specflow.sampling.solvers import ab2_weights, check_base
 
 
 CHECKS = ("x1", "local")
+# With the local check, tol and the bandit's price of error are on one scale: the bandit settles where a leap's
+# error is about 1/(2μ), so μ = LOCAL_MU_TOL/tol aims its leaps at tol/8 and the check rejects those that miss by
+# 8× (toy64, pooled over N: tol = 2/μ … 8/μ measured alike, benchmarks/RESULTS.md)
+LOCAL_MU_TOL = 4.0
 
 
 def _calibrated_mu(errors, mu_scale: float, N: int) -> float:
@@ -170,9 +183,12 @@ class SFM(Sampler):
                              f"or None to calibrate it on the first batch; got {self.mu!r}")
         if isinstance(self.mu_scale, bool) or not isinstance(self.mu_scale, (int, float)) or not self.mu_scale > 0:
             raise ValueError(f"mu_scale must be a number > 0, got {self.mu_scale!r}")
-        self.mu_ = None if self.mu is None else float(self.mu)
         if self.check not in CHECKS:
             raise ValueError(f"unknown check {self.check!r}; valid: {', '.join(CHECKS)}")
+        self.mu_ = None if self.mu is None else float(self.mu)
+        if self.mu is None and self.check == "local" and math.isfinite(self.tol):  # tol and μ on one scale
+            self.mu_ = LOCAL_MU_TOL / self.tol
+        self._mu_fixed = self.mu_ is not None  # given or derived from tol: a loaded state must match it
         if self.drafter not in DRAFTERS:
             raise ValueError(f"unknown drafter {self.drafter!r}; valid: {', '.join(sorted(DRAFTERS))}")
         if self.leap != "bandit" and (not isinstance(self.leap, int) or isinstance(self.leap, bool)
@@ -394,10 +410,12 @@ class SFM(Sampler):
         mu = state["mu"]
         if mu is not None and not finite_nonneg(mu):
             raise ValueError(f"{self.name} state has mu={mu!r}; expected None or a finite number >= 0")
-        if self.mu is not None and mu != self.mu_:
+        if self._mu_fixed and mu != self.mu_:
             learnt = "not learnt yet (saved before its first batch)" if mu is None else f"learnt with mu={mu!r}"
-            raise ValueError(f"{self.name} state was {learnt} but this sampler has mu={self.mu!r} (rewards priced at "
-                             f"another rate); build it with the same mu, or mu=None")
+            given = (f"mu={self.mu!r}" if self.mu is not None else
+                     f"mu={self.mu_:g} (= {LOCAL_MU_TOL:g}/tol with the local check)")
+            raise ValueError(f"{self.name} state was {learnt} but this sampler has {given}: rewards priced at another "
+                             f"rate; build it with the same mu (or tol), or start without the state")
         self.bandit.load_state_dict(state["bandit"])
         self.mu_ = None if mu is None else float(mu)
 
