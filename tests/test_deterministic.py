@@ -122,8 +122,8 @@ def test_nfe_matches_a_counting_wrapper(name, opts):
     assert model.rows / 32 < 30  # it did accelerate (compute per sample; ragged rounds can exceed N)
 
 
-@pytest.mark.parametrize("name,opts", [("sfm", dict(leap="bandit", tol=0.05)),
-                                       ("sfm", dict(leap="bandit", policy="thompson")), ("fastflow", {})])
+@pytest.mark.parametrize("name,opts", [("sfm", dict(leap="bandit", tol=0.05, policy="ucb1")),
+                                       ("sfm", dict(leap="bandit")), ("fastflow", {})])
 def test_bandit_state_round_trips_through_the_sampler(name, opts):
     a = build_sampler(name, steps=30, **opts)
     for i in range(2):

@@ -154,7 +154,7 @@ class SFM(Sampler):
     """Speculative flow matching: leap with a drafter, verify with one target call, fall back to Euler.
 
     Options: ``drafter`` (see drafters.py), ``leap`` (int ≥ 1 or "bandit"), ``arms`` (leap lengths for the bandit),
-    ``tol`` (the check's relative tolerance, > 0), ``check`` ("x1" | "local"), ``policy`` ("ucb1" | "thompson"),
+    ``tol`` (the check's relative tolerance, > 0), ``check`` ("x1" | "local"), ``policy`` ("thompson" | "ucb1"),
     ``buckets`` (time buckets = bandit contexts), ``seed`` (bandit seed), ``mu`` / ``mu_scale`` (the bandit's price
     of error: None / scale to calibrate it), ``cuda_graphs`` (on CUDA, replay the round's two fixed-shape pieces as
     CUDA graphs, see graphs.py; drafters without a network). See the module docstring.
@@ -166,7 +166,7 @@ class SFM(Sampler):
     leap: int | str = 4
     arms: tuple = (1, 2, 4, 8)
     tol: float = 0.05
-    policy: str = "ucb1"
+    policy: str = "thompson"  # per-row draws: UCB1 moves a batch in lockstep, so one exploration hits every sample
     buckets: int = 4
     seed: int = 0
     cuda_graphs: bool = True
@@ -453,14 +453,13 @@ class RCA(SFM):
     e = ‖x̃ − x_{k+L}‖/‖x̂1(x̃)‖ is sfm's embedded estimate, here the size of the correction rca applies, and
     the round's reward is L/(1 + μ·mean e) — steps per (call + μ·error), sfm's objective without rejections. μ is
     calibrated as sfm's on a first batch of L = 1 rounds (the one-call predictor–corrector), from the median of
-    their batch-mean e; a bandit round costs one host sync (a fixed leap: none). Defaults differ from sfm's, as
-    measured on toy64 (benchmarks/RESULTS.md): Thompson sampling (a batch makes only N/L decisions, too few
-    for UCB1's exploration to settle) and mu_scale = 10.
+    their batch-mean e; a bandit round costs one host sync (a fixed leap: none). Its default mu_scale is 10
+    (measured on toy64, benchmarks/RESULTS.md); Thompson sampling, as sfm's, matters more here: a batch makes only
+    N/L decisions, too few for UCB1's exploration to settle.
     """
 
     name = "rca"
     leap: int | str = 4
-    policy: str = "thompson"
     mu_scale: float = 10.0
 
     @classmethod
