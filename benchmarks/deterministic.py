@@ -10,8 +10,12 @@ steps (heun pays 2 calls per step) for every accelerated run's cost, ab2 and heu
   total_nfe, seq_nfe     target rows per sample / batched target calls (stats, counted by the Evaluator)
   acc                    sfm acceptance rate of checked leaps
   err_eN / psnr_eN       relative L2 error vs euler-N (PSNR in data space [-1, 1] for image models)
-  err_fine / psnr_fine   relative L2 error (and PSNR for image models) vs heun with 4N steps (the fine reference)
+  err_fine / psnr_fine   relative L2 error (and PSNR for image models) vs heun with 4N steps (the fine reference;
+                         with --front, heun with 4× the largest N of --steps, one reference for every table)
   time                   wall time / wall time of euler-N, same process, same batch
+With --front and several --steps the points of every N are also pooled: each bandit point against the fixed
+leaps' fronts over all N, and each policy's Pareto front over all its knobs (N, tol, μ) against the fixed leaps'
+(N, L, tol, check) — the best fixed leap a user could have chosen in hindsight.
 Bandit samplers (sfm leap=bandit, fastflow) learn online: they first see ``--warmup`` other batches (fastflow's
 first one calibrates μ), then the table batch. rca is lossy by design (no check, no fallback).
 Models: toy2 / toy64 are the analytic mixture's exact velocity (dim 2; dim 64 shaped 1x8x8 with means of
@@ -39,7 +43,7 @@ ACCEL = [  # (label, sampler, options, learns online)
     ("sfm ab2 L4 tol.2", "sfm", dict(leap=4, tol=0.2, base="ab2"), False),
     ("sfm ab2 bandit tol.05", "sfm", dict(leap="bandit", tol=0.05, base="ab2"), True),
     ("sfm bandit(1,2,4) tol.1", "sfm", dict(leap="bandit", arms=(1, 2, 4), tol=0.1), True),
-    ("sfm ab2 bandit thompson tol.05", "sfm", dict(leap="bandit", tol=0.05, base="ab2", policy="thompson"), True),
+    ("sfm ab2 bandit ucb1 tol.05", "sfm", dict(leap="bandit", tol=0.05, base="ab2", policy="ucb1"), True),
     ("rca L2 (lossy)", "rca", dict(leap=2), False),
     ("rca L4 (lossy)", "rca", dict(leap=4), False),
     ("fastflow", "fastflow", dict(), True),
@@ -275,7 +279,10 @@ def _family(label: str) -> tuple[str, str]:
     if label.strip().startswith("ab2-"):
         return "ab2 (any grid)", label.strip()
     toks = label.split()  # the priced bandits' knobs: N, μ and the check (none, or local at tol = 4/μ)
-    knob = lambda w: re.fullmatch(r"N\d+|tol\S*", w) or ("priced" in toks and re.fullmatch(r"mu\S+|local|accept-all", w))
+    priced = "priced" in toks
+
+    def knob(w):
+        return re.fullmatch(r"N\d+|tol\S*", w) or (priced and re.fullmatch(r"mu\S+|local|accept-all", w))
     return " ".join(w for w in toks if not knob(w)), " ".join(w for w in toks if knob(w))
 
 

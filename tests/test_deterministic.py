@@ -145,6 +145,8 @@ def test_bandit_state_round_trips_through_the_sampler(name, opts):
     ("rca", dict(tol=0.1), r"unknown option\(s\) \['tol'\] for sampler 'rca'; valid: steps, schedule, grid, drafter, leap"),
     ("fastflow", dict(arms=()), "empty"), ("fastflow", dict(arms=(0, 4, 2)), "increasing"),
     ("fastflow", dict(arms=(0, 1, 8)), "longer than"), ("fastflow", dict(mu_scale=0), "mu_scale"),
+    ("sfm", dict(check="local", tol=0.0), "tol"), ("sfm", dict(check="local", tol="x"), "tol"),
+    ("sfm", dict(check="local", tol=1e-320), "too small"), ("sfm", dict(check="local", mu_scale=10.0), "no effect"),
     ("fastflow", dict(mu=float("inf")), "finite"), ("fastflow", dict(mu=-1.0), "mu"), ("fastflow", dict(mu="x"), "mu"),
     ("fastflow", dict(mu_scale="x"), "mu_scale"),
 ])

@@ -79,7 +79,7 @@ its error while μ·e stays below about 1/2 (L/(1 + μ·e) stops growing with L 
 One knob then sets both, and unlike a calibrated μ (∝ N², through base-N's error) it means the same on every
 grid. With tol = ∞ (no check) give μ itself. Pooled over N = 25…200 on toy64 (``deterministic.py --front``,
 benchmarks/RESULTS.md), this priced bandit — local check or none — is as cheap as the best fixed leap at equal
-error or cheaper at 10 of its 15 Pareto points with Thompson sampling (median 0.86×), the x̂1-checked one at 2 of 6.
+error or cheaper at 10 of its 15 Pareto points with Thompson sampling (median 0.86×), the x̂1-checked one at 3 of 6.
 """
 from __future__ import annotations
 
@@ -156,8 +156,9 @@ class SFM(Sampler):
     Options: ``drafter`` (see drafters.py), ``leap`` (int ≥ 1 or "bandit"), ``arms`` (leap lengths for the bandit),
     ``tol`` (the check's relative tolerance, > 0), ``check`` ("x1" | "local"), ``policy`` ("thompson" | "ucb1"),
     ``buckets`` (time buckets = bandit contexts), ``seed`` (bandit seed), ``mu`` / ``mu_scale`` (the bandit's price
-    of error: None / scale to calibrate it), ``cuda_graphs`` (on CUDA, replay the round's two fixed-shape pieces as
-    CUDA graphs, see graphs.py; drafters without a network). See the module docstring.
+    of error; None: 4/tol with the local check, else calibrated on the first batch at scale mu_scale),
+    ``cuda_graphs`` (on CUDA, replay the round's two fixed-shape pieces as CUDA graphs, see graphs.py; drafters
+    without a network). See the module docstring.
     """
 
     name = "sfm"
@@ -180,22 +181,28 @@ class SFM(Sampler):
         check_base(self.base)
         if self.mu is not None and not finite_nonneg(self.mu):
             raise ValueError(f"mu (calls per unit of a leap's relative local error) must be a finite number >= 0, "
-                             f"or None to calibrate it on the first batch; got {self.mu!r}")
+                             f"or None (4/tol with check='local', else calibrated on the first batch); got {self.mu!r}")
         if isinstance(self.mu_scale, bool) or not isinstance(self.mu_scale, (int, float)) or not self.mu_scale > 0:
             raise ValueError(f"mu_scale must be a number > 0, got {self.mu_scale!r}")
         if self.check not in CHECKS:
             raise ValueError(f"unknown check {self.check!r}; valid: {', '.join(CHECKS)}")
-        self.mu_ = None if self.mu is None else float(self.mu)
-        if self.mu is None and self.check == "local" and math.isfinite(self.tol):  # tol and μ on one scale
-            self.mu_ = LOCAL_MU_TOL / self.tol
-        self._mu_fixed = self.mu_ is not None  # given or derived from tol: a loaded state must match it
         if self.drafter not in DRAFTERS:
             raise ValueError(f"unknown drafter {self.drafter!r}; valid: {', '.join(sorted(DRAFTERS))}")
         if self.leap != "bandit" and (not isinstance(self.leap, int) or isinstance(self.leap, bool)
                                       or self.leap < 1):
             raise ValueError(f"leap must be an integer >= 1 or 'bandit', got {self.leap!r}")
-        if not (isinstance(self.tol, (int, float)) and self.tol > 0):
+        if isinstance(self.tol, bool) or not (isinstance(self.tol, (int, float)) and self.tol > 0):
             raise ValueError(f"tol must be a relative tolerance > 0 (e.g. 0.05), got {self.tol!r}")
+        self.mu_ = None if self.mu is None else float(self.mu)
+        if self.mu is None and self.check == "local" and math.isfinite(self.tol):  # tol and μ on one scale
+            self.mu_ = LOCAL_MU_TOL / self.tol
+            if not math.isfinite(self.mu_):
+                raise ValueError(f"tol={self.tol!r} is too small to price error at {LOCAL_MU_TOL:g}/tol; "
+                                 "give tol >= 1e-300")
+            if self.mu_scale != type(self).mu_scale:
+                raise ValueError(f"mu_scale has no effect with check='local': the bandit's price follows from tol "
+                                 f"(μ = {LOCAL_MU_TOL:g}/tol); give mu itself to set it, or leave mu_scale out")
+        self._mu_fixed = self.mu_ is not None  # given or derived from tol: a loaded state must match it
         self.arms = check_arms(self.arms)
         if self.arms[0] < 1:
             raise ValueError(f"leap arms must be positive step counts, got {self.arms}; e.g. arms=(1, 2, 4, 8)")
