@@ -319,6 +319,23 @@ def print_families(measured):
                   f"(median {sorted(ratios)[len(ratios) // 2]:.2f})")
 
 
+def pooled_from_log(path: str) -> dict:
+    """{label N<n>: (total NFE, err_fine)} from the tables a ``--front`` run printed (``--pool``): the tables it
+    finished, e.g. of a run stopped before its largest N. Its reference (heun, 4× the largest N of its --steps)
+    is the same for every table, so the points pool as the run itself would have pooled them."""
+    measured, N = {}, None
+    row = re.compile(r"^(.+?)\s{2,}(\d+(?:\.\d+)?)\s.*?\s([\d.]+e[+-]\d+)\b.*?\s([\d.]+e[+-]\d+)\b")
+    for line in open(path):
+        if line.startswith("### "):  # a table's header (a pooled one has no ", batch")
+            n = re.search(r", N = (\d+), batch", line)
+            N = int(n.group(1)) if n else None
+        elif not line.strip():  # a table ends at its first blank line
+            N = None
+        elif N is not None and not line.startswith(("method", "euler-")) and (m := row.match(line)):
+            measured[f"{m.group(1).rstrip()} N{N}"] = (float(m.group(2)), float(m.group(4)))
+    return measured
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, nargs="+", default=[50, 100])
@@ -339,7 +356,14 @@ def main():
                    f"tols {FRONT_TOLS}): each bandit point against the fixed leaps' error/NFE fronts")
     p.add_argument("--only", nargs="+", default=None, metavar="LABEL",
                    help="a subset of the accelerated rows, by label: " + "; ".join(a[0] for a in ACCEL + DRAFT_ROWS))
+    p.add_argument("--pool", default=None, metavar="LOG",
+                   help="print the pooled fronts of the tables a --front run wrote to LOG (e.g. one stopped early)")
     args = p.parse_args()
+    if args.pool:
+        measured = pooled_from_log(args.pool)
+        print_front(measured, "bandit point vs the fixed leaps' fronts pooled over N at equal error")
+        print_families(measured)
+        return
     labels = {a[0] for a in ACCEL + DRAFT_ROWS + front_rows()}
     if args.only and set(args.only) - labels:
         p.error(f"unknown --only labels {sorted(set(args.only) - labels)}")
