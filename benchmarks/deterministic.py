@@ -207,16 +207,22 @@ def table(model_name, N, args, guidance=None):
     return measured
 
 
+def pareto_points(points):
+    """The points (NFE, error, …) no other point beats on both: by NFE, each more accurate than every cheaper one."""
+    pareto, best = [], math.inf
+    for p in sorted(points):
+        if p[1] < best:
+            pareto.append(p)
+            best = p[1]
+    return pareto
+
+
 def front_nfe(points, err):
     """The fewest calls with which a policy reaches error ``err``: its Pareto points (no other point both cheaper
     and more accurate; error is not monotone in tol, so not joined in tol order) joined linearly in log error.
     Above its cheapest point's error: that point's NFE — a true floor for a fixed leap, whose cheapest point is
     accept-all (no run of that leap is cheaper). None below its most accurate point's error."""
-    pareto, best = [], math.inf
-    for n, e in sorted(points):  # by NFE; keep a point only if it is more accurate than every cheaper one
-        if e < best:
-            pareto.append((n, e))
-            best = e
+    pareto = pareto_points(points)
     le = math.log(err)
     for (n0, e0), (n1, e1) in zip(pareto, pareto[1:]):
         if math.log(e1) <= le <= math.log(e0):
@@ -301,11 +307,7 @@ def print_families(measured):
         if "bandit" not in f:
             continue
         rival = "rca fixed leaps" if f.startswith("front rca") else "sfm fixed leaps"
-        pareto, best, ratios = [], math.inf, []
-        for n, e, knobs in sorted(points):
-            if e < best:
-                pareto.append((n, e, knobs))
-                best = e
+        pareto, ratios = pareto_points(points), []
         print(f"  {f}: {len(pareto)} Pareto points of {len(points)}")
         for n, e, knobs in pareto:
             v, a = front_nfe(pts(rival), e), front_nfe(pts("ab2 (any grid)"), e)
@@ -336,6 +338,11 @@ def pooled_from_log(path: str) -> dict:
     return measured
 
 
+def print_pooled(measured):
+    print_front(measured, "bandit point vs the fixed leaps' fronts pooled over N at equal error")
+    print_families(measured)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, nargs="+", default=[50, 100])
@@ -360,9 +367,7 @@ def main():
                    help="print the pooled fronts of the tables a --front run wrote to LOG (e.g. one stopped early)")
     args = p.parse_args()
     if args.pool:
-        measured = pooled_from_log(args.pool)
-        print_front(measured, "bandit point vs the fixed leaps' fronts pooled over N at equal error")
-        print_families(measured)
+        print_pooled(pooled_from_log(args.pool))
         return
     labels = {a[0] for a in ACCEL + DRAFT_ROWS + front_rows()}
     if args.only and set(args.only) - labels:
@@ -380,8 +385,7 @@ def main():
         if args.front and len(args.steps) > 1:  # the user picks N too: every policy's front over N and its knobs
             gs = "" if g is None else f", guidance {g:g}"
             print(f"\n### {m}{gs}, N = {' '.join(map(str, args.steps))} pooled")
-            print_front(joint, "bandit point vs the fixed leaps' fronts pooled over N at equal error")
-            print_families(joint)
+            print_pooled(joint)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,13 @@ def finite_nonneg(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
 
 
+def check_scale(scale) -> float:
+    """``mu_scale``, the factor a calibrated price μ is scaled by: a number > 0, else a ValueError saying so."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"mu_scale must be a number > 0, got {scale!r}")
+    return scale
+
+
 def check_price(price) -> float:
     """``compute_price`` λ: a finite number ≥ 0, else a ValueError saying so."""
     if not finite_nonneg(price):

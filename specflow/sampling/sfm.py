@@ -91,7 +91,7 @@ import torch
 from torch import Tensor
 
 from specflow.path import per_sample, x1_hat
-from specflow.sampling.bandit import POLICIES, Bandit, check_arms, finite_nonneg, time_bucket
+from specflow.sampling.bandit import POLICIES, Bandit, check_arms, check_scale, finite_nonneg, time_bucket
 from specflow.sampling.base import Sampler, register
 from specflow.sampling.drafters import DRAFTERS, make_drafter
 from specflow.sampling.graphs import for_tensor as graphs_for
@@ -182,8 +182,7 @@ class SFM(Sampler):
         if self.mu is not None and not finite_nonneg(self.mu):
             raise ValueError(f"mu (calls per unit of a leap's relative local error) must be a finite number >= 0, "
                              f"or None (4/tol with check='local', else calibrated on the first batch); got {self.mu!r}")
-        if isinstance(self.mu_scale, bool) or not isinstance(self.mu_scale, (int, float)) or not self.mu_scale > 0:
-            raise ValueError(f"mu_scale must be a number > 0, got {self.mu_scale!r}")
+        check_scale(self.mu_scale)
         if self.check not in CHECKS:
             raise ValueError(f"unknown check {self.check!r}; valid: {', '.join(CHECKS)}")
         if self.drafter not in DRAFTERS:

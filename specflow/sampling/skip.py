@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import torch
 
-from specflow.sampling.bandit import POLICIES, Bandit, check_arms, finite_nonneg, time_bucket
+from specflow.sampling.bandit import POLICIES, Bandit, check_arms, check_scale, finite_nonneg, time_bucket
 from specflow.sampling.base import Sampler, register
 from specflow.sampling.solvers import base_step, check_base
 from specflow.sampling.opcount import host_side
@@ -67,8 +67,7 @@ class FastFlow(Sampler):
         if self.mu is not None and not finite_nonneg(self.mu):
             raise ValueError(f"mu must be a finite number >= 0 (or None to calibrate on the first batch), "
                              f"got {self.mu!r}")
-        if isinstance(self.mu_scale, bool) or not isinstance(self.mu_scale, (int, float)) or not self.mu_scale > 0:
-            raise ValueError(f"mu_scale must be a number > 0, got {self.mu_scale!r}")
+        check_scale(self.mu_scale)
         self.bandit = Bandit(self.arms, self.buckets, self.policy, self.seed, allow_zero=True)
         self.mu_ = None if self.mu is None else float(self.mu)
 
