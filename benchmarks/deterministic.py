@@ -321,10 +321,19 @@ def print_families(measured):
                   f"(median {sorted(ratios)[len(ratios) // 2]:.2f})")
 
 
-def pooled_from_log(path: str) -> dict:
-    """{label N<n>: (total NFE, err_fine)} from the tables a ``--front`` run printed (``--pool``): the tables it
-    finished, e.g. of a run stopped before its largest N. Its reference (heun, 4× the largest N of its --steps)
-    is the same for every table, so the points pool as the run itself would have pooled them."""
+def pooled_from_log(*paths: str) -> dict:
+    """{label N<n>: (total NFE, err_fine)} from the tables ``--front`` runs printed (``--pool``): the tables they
+    finished, e.g. of a run stopped before its largest N. A run's reference (heun, 4× the largest N of its
+    --steps) is the same for every table, so the points pool as the run itself would have pooled them; several
+    logs pool alike if their runs share model, --steps, --batch and --seed (a later log's row replaces an
+    earlier one of the same label: e.g. bandit rows rerun after a change, against the first run's fixed leaps)."""
+    measured, N = {}, None
+    for path in paths:
+        measured.update(_rows_of_log(path))
+    return measured
+
+
+def _rows_of_log(path: str) -> dict:
     measured, N = {}, None
     row = re.compile(r"^(.+?)\s{2,}(\d+(?:\.\d+)?)\s.*?\s([\d.]+e[+-]\d+)\b.*?\s([\d.]+e[+-]\d+)\b")
     for line in open(path):
@@ -363,11 +372,13 @@ def main():
                    f"tols {FRONT_TOLS}): each bandit point against the fixed leaps' error/NFE fronts")
     p.add_argument("--only", nargs="+", default=None, metavar="LABEL",
                    help="a subset of the accelerated rows, by label: " + "; ".join(a[0] for a in ACCEL + DRAFT_ROWS))
-    p.add_argument("--pool", default=None, metavar="LOG",
-                   help="print the pooled fronts of the tables a --front run wrote to LOG (e.g. one stopped early)")
+    p.add_argument("--pool", nargs="+", default=None, metavar="LOG",
+                   help="print the pooled fronts of the tables --front runs wrote to LOG … (e.g. one stopped early; "
+                   "several: runs with the same model, --steps, --batch and --seed, a later log's rows replacing "
+                   "an earlier one's)")
     args = p.parse_args()
     if args.pool:
-        print_pooled(pooled_from_log(args.pool))
+        print_pooled(pooled_from_log(*args.pool))
         return
     labels = {a[0] for a in ACCEL + DRAFT_ROWS + front_rows()}
     if args.only and set(args.only) - labels:

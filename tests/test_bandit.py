@@ -117,14 +117,24 @@ def test_time_bucket():
         time_bucket(t, 0)
 
 
-def test_limit_excludes_arms_that_do_not_fit():
-    b = Bandit(ARMS, contexts=1)
-    ctx = torch.zeros(3, dtype=torch.long)
-    for _ in range(10):  # untried arms above the limit are never chosen
-        arm = b.select(ctx, limit=torch.tensor([2, 5, 0]))
-        assert arm.tolist()[0] <= 2 and arm.tolist()[1] <= 4 and arm.tolist()[2] == 1
+def test_limit_excludes_untried_arms_that_do_not_fit():
+    b = Bandit(ARMS, contexts=2)
+    ctx = torch.tensor([0, 0, 1])
+    for _ in range(10):  # untried arms above the limit are never chosen (context 1 never tries one)
+        arm = b.select(ctx, limit=torch.tensor([2, 2, 0]))
+        assert arm.tolist()[0] <= 2 and arm.tolist()[1] <= 2 and arm.tolist()[2] == 1
         b.update(ctx[:2], arm[:2], torch.ones(2))
-    assert int(b.counts[0, 3]) == 0
+    assert b.counts[0].tolist() == [10, 10, 0, 0] and int(b.counts[1].sum()) == 0
+
+
+def test_limit_keeps_a_tried_arm_the_caller_cuts():
+    # a fixed arm of 8 plays its last leap cut to the room left; the bandit may too, once the arm has a mean
+    b = Bandit(ARMS, contexts=1)
+    ctx = torch.zeros(4, dtype=torch.long)
+    b.update(ctx, torch.tensor(ARMS), torch.tensor([1.0, 2.0, 4.0, 8.0]))
+    assert b.select(ctx, limit=torch.tensor([3, 1, 0, 9])).tolist() == [8, 8, 8, 8]
+    control = Bandit(ARMS, contexts=1)  # the same limits before any arm is tried: only arms that fit
+    assert control.select(ctx, limit=torch.tensor([3, 1, 0, 9])).tolist() == [1, 1, 1, 1]
 
 
 # ------------------------------------------------------------------------- the speculative window's objective

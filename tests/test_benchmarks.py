@@ -113,3 +113,20 @@ def test_bandits_plot_is_written_whole(monkeypatch, tmp_path):
     bandits.plot("toy16", by_price, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert [p.name for p in out.parent.iterdir()] == ["bandit_toy16.png"]  # no temporary file left
+
+
+def test_deterministic_pool_merges_logs_a_later_row_replacing_an_earlier(tmp_path):
+    bench = _load("deterministic")
+    head = "### toy64, N = {}, batch 256, cpu, dtype float64\nmethod  total_nfe  seq_nfe  acc  err_eN  err_fine  time\n"
+    row = "{:<40}  {}  {}  1.00  1.00e-02 / 40.0dB  {} / 41.0dB  0.50\n"
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text(head.format(25) + row.format("front sfm ab2 L2 accept-all", 13.0, 13, "1.93e-02")
+                     + row.format("front sfm ab2 bandit priced thompson accept-all mu10", 9.0, 9, "5.00e-02") + "\n"
+                     + head.format(50) + row.format("front sfm ab2 L2 accept-all", 26.0, 26, "3.67e-03") + "\n")
+    second.write_text(head.format(25) + row.format("front sfm ab2 bandit priced thompson accept-all mu10", 8.0, 8,
+                                                   "4.00e-02") + "\n")
+    pooled = bench.pooled_from_log(str(first), str(second))
+    assert pooled == {"front sfm ab2 L2 accept-all N25": (13.0, 1.93e-2), "front sfm ab2 L2 accept-all N50": (26.0, 3.67e-3),
+                      "front sfm ab2 bandit priced thompson accept-all mu10 N25": (8.0, 4e-2)}
+    assert bench.pooled_from_log(str(second), str(first))[
+        "front sfm ab2 bandit priced thompson accept-all mu10 N25"] == (9.0, 5e-2)  # the later log wins

@@ -156,9 +156,13 @@ class Bandit:
     def select(self, context: Tensor, limit: Tensor | None = None) -> Tensor:
         """One arm VALUE per entry of ``context`` (a LongTensor of context indices, any shape → flattened).
 
-        ``limit`` (optional, one int per entry): only arms <= limit are eligible, so an arm that cannot be
-        played near the end of a grid is never chosen (and never stays "untried first" forever). An entry
-        with no eligible arm gets the smallest arm; the caller clamps it and does not credit it.
+        ``limit`` (optional, one int per entry: the room left before the grid's end): an arm above it is
+        eligible only once tried in its context. The caller then plays it cut to the limit, as a fixed arm is
+        cut at the end of a grid, and credits nothing (the cut play measures the grid's end, not the arm), so
+        a bandit that prefers 8 plays 8, 8, …, 3 where the fixed arm 8 does (toy64, N = 100: excluding the arm
+        there made it play 2, 1 instead — one call more and 1.6× the error). An untried arm above the limit is
+        never chosen: its cut plays earn no credit, so it would stay "untried first" forever. An entry with no
+        eligible arm gets the smallest arm.
         """
         # numpy on the host: a sampler calls this every round, between a device sync and the next launch
         device = context.device if isinstance(context, Tensor) else "cpu"
@@ -181,7 +185,9 @@ class Bandit:
         # Untried arms first (the lowest one), so every arm has a mean before any is preferred.
         score = np.where(n == 0, math.inf, score)
         if limit is not None:
-            ok = self._values.numpy()[None] <= _host(limit, np.int64)[:, None]
+            # a tried arm stays eligible past the limit (the caller cuts it there, as a fixed arm is cut at the
+            # grid's end); an untried one would stay "untried first" forever, as its cut plays earn no credit
+            ok = (self._values.numpy()[None] <= _host(limit, np.int64)[:, None]) | (n > 0)
             score = np.where(ok, score, -math.inf)
             score[~ok.any(1), 0] = 0.0  # nothing eligible: the smallest arm
         return torch.from_numpy(self._values.numpy()[score.argmax(1)]).to(device)
