@@ -92,6 +92,55 @@ def test_state_for_other_bandit_is_an_error(kwargs, match):
         Bandit(**kwargs).load_state_dict(state)
 
 
+def _risky_and_steady(b: Bandit, rate: bool, decisions: int = 400) -> None:
+    """Arm 8 advances 8 steps for 1 call or, rejected half the time, 1 step for 2 calls (rate 4.5/1.5 = 3 steps per
+    call, mean ratio 0.5·8 + 0.5·0.5 = 4.25); arm 4 advances 3.5 steps per call, always."""
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.zeros(decisions, dtype=torch.long)
+    ok = torch.rand(decisions, generator=g) < 0.5
+    steps, cost = torch.where(ok, 8.0, 1.0).double(), torch.where(ok, 1.0, 2.0).double()
+    risky, steady = torch.full((decisions,), 8), torch.full((decisions,), 4)
+    if rate:
+        b.update(ctx, risky, steps, cost=cost)
+        b.update(ctx, steady, torch.full((decisions,), 3.5, dtype=torch.float64), cost=torch.ones(decisions))
+    else:
+        b.update(ctx, risky, steps / cost)
+        b.update(ctx, steady, torch.full((decisions,), 3.5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("policy", ["ucb1", "thompson"])
+def test_rate_is_total_steps_over_total_cost(policy):
+    """A run pays Σ cost for Σ steps: the rate prefers the steady arm; the mean of per-decision ratios (the
+    control) prefers the risky one, which advances fewer steps per call."""
+    b = Bandit((4, 8), contexts=1, policy=policy)
+    _risky_and_steady(b, rate=True)
+    assert b.means[0].tolist() == pytest.approx([3.5, 3.0], abs=0.15)
+    assert b.select(torch.zeros(200, dtype=torch.long)).float().mean() < 4.5  # mostly the steady arm
+    control = Bandit((4, 8), contexts=1, policy=policy)
+    _risky_and_steady(control, rate=False)
+    assert control.means[0].tolist() == pytest.approx([3.5, 4.25], abs=0.15)
+    assert control.select(torch.zeros(200, dtype=torch.long)).float().mean() > 7.5
+
+
+def test_rate_state_round_trips_and_a_plain_state_loads():
+    b = Bandit((4, 8), contexts=1, policy="thompson")
+    _risky_and_steady(b, rate=True)
+    fresh = Bandit((4, 8), contexts=1, policy="thompson")
+    fresh.load_state_dict(b.state_dict())
+    assert torch.equal(fresh.means, b.means) and torch.equal(fresh.w, b.w)
+    plain = Bandit((4, 8), contexts=1, policy="thompson")  # saved before costs existed: a cost of 1 each
+    plain.update(torch.zeros(2, dtype=torch.long), torch.tensor([4, 8]), torch.tensor([1.0, 2.0]))
+    old = {k: v for k, v in plain.state_dict().items() if k not in ("w", "scc", "syc")}
+    fresh.load_state_dict(old)
+    assert fresh.means[0].tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("cost", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_cost_is_an_error(cost):
+    with pytest.raises(ValueError, match="costs must be finite and > 0"):
+        Bandit(ARMS).update(torch.tensor([0]), torch.tensor([2]), torch.tensor([1.0]), cost=torch.tensor([cost]))
+
+
 @pytest.mark.parametrize("arms,match", [((), "empty"), ((0, 1), "positive"), ((-1, 2), ">= 0"),
                                         ((1, 2, 2), "increasing"), ((4, 2, 1), "increasing")])
 def test_bad_arms(arms, match):
@@ -152,12 +201,12 @@ def test_compute_price_is_checked():
         build_sampler("speculative", window="bandit", compute_price=0.2, verifier="tree")
 
 
-def test_window_reward_prices_rows():
-    from specflow.sampling.bandit import window_reward
+def test_window_cost_prices_rows():
+    from specflow.sampling.bandit import window_cost
 
-    r = window_reward(torch.tensor([4, 2, 0]), torch.tensor([5, 3, 9]), 0.5)
-    assert torch.allclose(r, torch.tensor([4 / 3.5, 2 / 2.5, 0.0], dtype=torch.float64))
-    assert torch.equal(window_reward(torch.tensor([3]), torch.tensor([7]), 0.0), torch.tensor([3.0], dtype=torch.float64))
+    c = window_cost(torch.tensor([5, 3, 9]), 0.5)
+    assert torch.allclose(c, torch.tensor([3.5, 2.5, 5.5], dtype=torch.float64))
+    assert torch.equal(window_cost(torch.tensor([7]), 0.0), torch.tensor([1.0], dtype=torch.float64))
 
 
 def test_compute_price_trades_latency_for_compute():

@@ -4,31 +4,40 @@ time bucket. Shared by the exact speculative sampler's adaptive window, sfm's an
     b = Bandit(arms=(1, 2, 4, 8), contexts=4, policy="ucb1", seed=0)
     L = b.select(time_bucket(t, 4))          # (B,) arm VALUES, one per context in the batch
     b.update(ctx, L, reward)                 # credit each reward to the (context, arm) that earned it
+    b.update(ctx, L, steps, cost=cost)       # or a rate: the arm's value is Σ steps / Σ cost
+
+A rate (``cost`` given) is the right estimate of an objective "steps advanced per unit of cost" that runs over many
+decisions: what a run pays is its total cost for its total steps, Σy/Σc (renewal–reward), not the mean of the
+per-decision ratios y/c, which overvalues a risky arm (sfm, L = 8 accepted half the time at 1 call, else a
+rejection's 1 step for 2 calls: mean ratio 0.5·8 + 0.5·0.5 = 4.25 steps per call, rate 4.5/1.5 = 3).
 
 Policies (rewards are "larger is better"; their scale is learnt, not assumed):
 - ``ucb1``: every arm of a context is tried once first (lowest arm first), then
       argmax_a  mean_a + c·R·sqrt(2·ln n / n_a),
-  n = pulls in the context, n_a = pulls of arm a there, R = max − min of all rewards seen so far (1 until
-  two distinct rewards exist). UCB1's bound assumes rewards in [0, 1]; scaling the exploration term by the
-  running range R makes it invariant to the reward's units (steps per call, NFE saved minus an error, …).
+  n = pulls in the context, n_a = pulls of arm a there, R = max − min of all rewards (for rates: of all
+  ratios y/c) seen so far (1 until two distinct ones exist). UCB1's bound assumes rewards in [0, 1]; scaling
+  the exploration term by the running range R makes it invariant to the reward's units (steps per call, NFE
+  saved minus an error, …).
   Ties break to the lowest arm (torch.argmax returns the first maximum), so UCB1 is deterministic.
 - ``thompson``: Gaussian Thompson sampling. After the same try-each-arm-once start, each row draws
-      θ_a ~ N(mean_a, s_a² / n_a)
-  with s_a² the arm's sample variance (for n_a = 1, the context's pooled variance, else R²; floored at
+      θ_a ~ N(mean_a, n_a·s_a² / w_a²)
+  with w_a the arm's total cost (n_a for plain rewards, whose variance is then the familiar s_a²/n_a), s_a² the
+  sample variance of the residuals y − mean_a·c (for n_a = 1, the context's pooled one, else R²; floored at
   1e-6·R² so a lucky constant arm keeps some doubt), and picks argmax θ_a. Draws come from the bandit's
   own seeded ``torch.Generator``, whose state is part of ``state_dict()``: same seed → same choices.
 
-Objectives, one per sampler, each paying for what the user pays for (the bandit maximises the mean reward):
-- ``speculative`` (``window_reward``): a round costs 1 sequential target call + λ·(the sample's target rows),
-  λ = ``compute_price`` ≥ 0; reward = steps advanced / cost. λ = 0 is latency alone, λ = 1 prices a row
-  like a call (compute alone, when calls are not batched); benchmarks/bandits.py measures what λ a device's
-  batched call implies.
-- ``sfm``: steps advanced per unit of cost, cost = the target calls of the leap (the wasted leap and the fallback
-  counted) + μ·(the leap's embedded local error estimate), μ calibrated from the run (sfm.py; ``mu=0``: calls
-  only — at a fixed tol that drifts to long leaps and their error on real images).
-- ``rca``: the same, per round for the whole batch, with no rejections: L / (1 + μ·mean e), e the size of the
-  trapezoid correction rca applies (sfm.py, ``RCA``).
-- ``fastflow``: μ·(steps skipped) − error at the next real call, μ calibrated from the run (skip.py).
+Objectives, one per sampler, each paying for what the user pays for. The first three are rates, steps advanced
+per unit of cost (the bandit maximises Σ steps / Σ cost per arm and context):
+- ``speculative``: a round costs 1 sequential target call + λ·(the sample's target rows) (``window_cost``),
+  λ = ``compute_price`` ≥ 0. λ = 0 is latency alone, λ = 1 prices a row like a call (compute alone, when calls
+  are not batched); benchmarks/bandits.py measures what λ a device's batched call implies.
+- ``sfm``: cost = the target calls of the leap (the wasted leap and the fallback counted) + μ·(the leap's
+  embedded local error estimate), μ from tol or calibrated from the run (sfm.py; ``mu=0``: calls only — at a
+  fixed tol that drifts to long leaps and their error on real images).
+- ``rca``: the same, per round for the whole batch, with no rejections: L steps for 1 + μ·mean e, e the size of
+  the trapezoid correction rca applies (sfm.py, ``RCA``).
+- ``fastflow``: a mean reward, μ·(steps skipped) − error at the next real call, μ calibrated from the run
+  (skip.py).
 
 The statistics live on the CPU in float64 (they are tiny); ``select`` returns arms on the context's device.
 """
@@ -87,9 +96,9 @@ def check_price(price) -> float:
     return float(price)
 
 
-def window_reward(advanced: Tensor, rows: Tensor, price: float) -> Tensor:
-    """The speculative window's reward: steps advanced per unit of cost, cost = 1 call + price·rows."""
-    return advanced.double() / (1 + price * rows.double())
+def window_cost(rows: Tensor, price: float) -> Tensor:
+    """The cost of a speculative round for each sample: 1 sequential call + price·(its target rows)."""
+    return 1 + price * rows.double()
 
 
 class Bandit:
@@ -113,8 +122,11 @@ class Bandit:
         self.contexts, self.policy, self.seed, self.c = contexts, policy, int(seed), float(c)
         K, A = contexts, len(self.arms)
         self.n = torch.zeros(K, A, dtype=torch.float64)  # pulls
-        self.s1 = torch.zeros(K, A, dtype=torch.float64)  # sum of rewards
-        self.s2 = torch.zeros(K, A, dtype=torch.float64)  # sum of squared rewards
+        self.s1 = torch.zeros(K, A, dtype=torch.float64)  # Σ y (rewards)
+        self.s2 = torch.zeros(K, A, dtype=torch.float64)  # Σ y²
+        self.w = torch.zeros(K, A, dtype=torch.float64)  # Σ c (costs; 1 per plain reward)
+        self.scc = torch.zeros(K, A, dtype=torch.float64)  # Σ c²
+        self.syc = torch.zeros(K, A, dtype=torch.float64)  # Σ y·c
         self.r_min, self.r_max = math.inf, -math.inf
         self.generator = torch.Generator().manual_seed(self.seed)
         self._values = torch.tensor(self.arms, dtype=torch.long)
@@ -126,7 +138,8 @@ class Bandit:
 
     @property
     def means(self) -> Tensor:
-        return self.s1 / self.n.clamp_min(1)
+        """Per (context, arm): the mean reward, or the rate Σ steps / Σ cost."""
+        return self.s1 / torch.where(self.n > 0, self.w, 1.0)
 
     def best(self) -> Tensor:
         """The arm value with the highest mean reward per context (untried arms count as -inf)."""
@@ -167,21 +180,22 @@ class Bandit:
         # numpy on the host: a sampler calls this every round, between a device sync and the next launch
         device = context.device if isinstance(context, Tensor) else "cpu"
         ctx = self._check_context(context)
-        n, s1, s2 = self.n.numpy()[ctx], self.s1.numpy()[ctx], self.s2.numpy()[ctx]  # (B, A)
-        mean = s1 / np.maximum(n, 1)
+        n, s1, w = self.n.numpy()[ctx], self.s1.numpy()[ctx], self.w.numpy()[ctx]  # (B, A)
+        mean = s1 / np.where(n > 0, w, 1.0)
         R = self._range()
         if self.policy == "ucb1":
             n_ctx = np.maximum(n.sum(1, keepdims=True), 1)
             score = mean + self.c * R * np.sqrt(2 * np.log(n_ctx) / np.maximum(n, 1))
         else:
-            var = (s2 - n * mean**2) / np.maximum(n - 1, 1)
-            pooled_n = n.sum(1, keepdims=True)
-            pooled = ((s2.sum(1, keepdims=True) - s1.sum(1, keepdims=True) ** 2 / np.maximum(pooled_n, 1))
-                      / np.maximum(pooled_n - 1, 1))
-            pooled = np.where(pooled_n >= 2, pooled, R**2)
+            s2, scc, syc = self.s2.numpy()[ctx], self.scc.numpy()[ctx], self.syc.numpy()[ctx]
+            var = (s2 - 2 * mean * syc + mean**2 * scc) / np.maximum(n - 1, 1)  # Σ (y − mean·c)² / (n − 1)
+            # the context's pooled residual variance, about its own overall mean (rate)
+            nc, s1c, wc, s2c, sccc, sycc = (a.sum(1, keepdims=True) for a in (n, s1, w, s2, scc, syc))
+            mc = s1c / np.where(nc > 0, wc, 1.0)
+            pooled = np.where(nc >= 2, (s2c - 2 * mc * sycc + mc**2 * sccc) / np.maximum(nc - 1, 1), R**2)
             var = np.maximum(np.where(n >= 2, var, pooled), 1e-6 * R**2)
             z = torch.randn(n.shape, generator=self.generator, dtype=torch.float64).numpy()
-            score = mean + z * np.sqrt(var / np.maximum(n, 1))
+            score = mean + z * np.sqrt(var * n / np.where(n > 0, w, 1.0) ** 2)
         # Untried arms first (the lowest one), so every arm has a mean before any is preferred.
         score = np.where(n == 0, math.inf, score)
         if limit is not None:
@@ -201,25 +215,31 @@ class Bandit:
                              f"bandit {self.arms}")
         return torch.from_numpy(a)
 
-    def update(self, context: Tensor, arm: Tensor, reward: Tensor) -> None:
-        """Credit ``reward[i]`` to (``context[i]``, ``arm[i]``) (arm VALUES); all three flatten to length B."""
+    def update(self, context: Tensor, arm: Tensor, reward: Tensor, cost: Tensor | None = None) -> None:
+        """Credit ``reward[i]`` to (``context[i]``, ``arm[i]``) (arm VALUES); all flatten to length B. With
+        ``cost`` (finite, > 0) the reward is the steps a decision advanced and the arm's value is the rate
+        Σ reward / Σ cost (module docstring); without, the mean reward (a cost of 1 each)."""
         ctx, arm, r = self._check_context(context), _host(arm, np.int64), _host(reward, np.float64)
-        if not (ctx.size == arm.size == r.size):
-            raise ValueError(f"context, arm and reward must have one entry each, got sizes "
-                             f"{ctx.size}, {arm.size}, {r.size}")
+        c = np.ones_like(r) if cost is None else _host(cost, np.float64)
+        if not (ctx.size == arm.size == r.size == c.size):
+            raise ValueError(f"context, arm, reward and cost must have one entry each, got sizes "
+                             f"{ctx.size}, {arm.size}, {r.size}, {c.size}")
         if not np.isfinite(r).all():
             raise ValueError("rewards must be finite; got NaN/Inf (check the reward's definition)")
+        if not (np.isfinite(c).all() and (c > 0).all()):
+            raise ValueError("costs must be finite and > 0 (check the cost's definition)")
         a = self.index(arm).numpy()
         if r.size == 0:
             return
-        np.add.at(self.n.numpy(), (ctx, a), 1.0)  # in place on the tensors' memory
-        np.add.at(self.s1.numpy(), (ctx, a), r)
-        np.add.at(self.s2.numpy(), (ctx, a), r**2)
-        self.r_min, self.r_max = min(self.r_min, float(r.min())), max(self.r_max, float(r.max()))
+        for acc, x in ((self.n, 1.0), (self.s1, r), (self.s2, r**2), (self.w, c), (self.scc, c**2),
+                       (self.syc, r * c)):
+            np.add.at(acc.numpy(), (ctx, a), x)  # in place on the tensors' memory
+        ratio = r / c
+        self.r_min, self.r_max = min(self.r_min, float(ratio.min())), max(self.r_max, float(ratio.max()))
 
     def state_dict(self) -> dict:
         return {"arms": list(self.arms), "contexts": self.contexts, "policy": self.policy, "c": self.c,
-                "n": self.n.clone(), "s1": self.s1.clone(), "s2": self.s2.clone(),
+                **{k: getattr(self, k).clone() for k in _SUMS},
                 "r_min": self.r_min, "r_max": self.r_max, "rng": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -230,12 +250,18 @@ class Bandit:
             raise ValueError(f"bandit state was saved for {theirs} but this bandit has {mine}; build the "
                              f"sampler with the same arms/buckets/policy, or start without the saved state")
         self.c = float(state.get("c", self.c))
-        self.n, self.s1, self.s2 = (state[k].to("cpu", torch.float64).clone() for k in ("n", "s1", "s2"))
+        # a state saved before costs existed holds plain rewards: a cost of 1 each
+        state = {"w": state["n"], "scc": state["n"], "syc": state["s1"], **state}
+        for k in _SUMS:
+            setattr(self, k, state[k].to("cpu", torch.float64).clone())
         self.r_min, self.r_max = float(state["r_min"]), float(state["r_max"])
         self.generator.set_state(state["rng"])
 
     def __repr__(self) -> str:
         return f"Bandit(arms={self.arms}, contexts={self.contexts}, policy={self.policy!r})"
+
+
+_SUMS = ("n", "s1", "s2", "w", "scc", "syc")  # the statistics a state carries
 
 
 def _host(a, dtype) -> np.ndarray:

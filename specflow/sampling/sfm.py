@@ -55,12 +55,13 @@ before (real or drafted; r = h_i/h_{i−1}; a sample's first step is Euler): wit
 own trapezoid (no base option).
 
 Bandit (``leap="bandit"``): L is chosen per sample among ``arms`` with context = time bucket of t_k; the
-reward of a decision is steps advanced per unit of cost, cost = the target calls it caused + μ·(the local error
-it left):
+bandit learns each arm's rate of steps advanced per unit of cost, Σ steps / Σ cost over its decisions (not the
+mean of per-decision ratios, which overvalues a leap that is often rejected: bandit.py), cost = the target calls
+a decision caused + μ·(the local error it left):
 
-  accepted:  L / (1 + μ·e),   e the leap's embedded local error estimate (``check="local"`` above)
-  rejected:  1 / (2 + μ·e_1)  (one step for two calls; the discarded leap leaves no error, the retry's base
-             step leaves its own e_1, so the rejection is credited a round late, when e_1 is known)
+  accepted:  L steps for 1 + μ·e,   e the leap's embedded local error estimate (``check="local"`` above)
+  rejected:  1 step for 2 + μ·e_1   (two calls; the discarded leap leaves no error, the retry's base step leaves
+             its own e_1, so the rejection is credited a round late, when e_1 is known)
 
 Why error is priced: the x̂1 check bounds the draft/target disagreement at the leap's end, not the path's
 deviation along it, and at a fixed tol an accepted long leap leaves more error per step (fashion, N = 50, tol
@@ -71,7 +72,8 @@ base steps only (L = 1: ``base``-N exactly) and sets μ = mu_scale / (N·median(
 standing for the error base-N leaves. Summed over a run, the cost is then calls + mu_scale·(Σe / base-N's Σe):
 as much error again as base-N leaves is worth mu_scale calls (default 3: the best of 1, 3, 10 measured,
 benchmarks/RESULTS.md). μ belongs to the grid it was calibrated on (it divides by N). ``mu=0`` prices calls
-only (the objective before; ``mu`` given: no calibration). Only arms that fit before t_{N−1} are eligible.
+only (the objective before; ``mu`` given: no calibration). Leaps end at t_{N−1} at the latest: near there a
+longer arm, once tried, is played cut (uncredited), as a fixed leap is (bandit.py ``select``).
 
 With ``check="local"`` μ is not calibrated but follows from tol, which is then on the same scale: a leap is worth
 its error while μ·e stays below about 1/2 (L/(1 + μ·e) stops growing with L where the leap's error, ∝ L³, reaches
@@ -239,12 +241,12 @@ class SFM(Sampler):
         elif played is not None:  # reward: steps advanced per unit of cost, cost = calls + μ·error
             rows, ctx, L, was_held = played
             rejected = retry[rows] & ~was_held
-            # accepted: L/(1 + μ·e); a rejection is credited a round late, once its retry step's error e is
-            # known: 1/(2 + μ·e) (one step for two calls; μ = 0: 1/2)
+            # accepted: L steps for 1 + μ·e; a rejection is credited a round late, once its retry step's error
+            # e is known: 1 step for 2 + μ·e (two calls)
             price = self.mu_ * err[rows] if priced else np.zeros(rows.size)
-            reward = np.where(was_held, 1 / (2 + price), L / (1 + price))
+            steps, cost = np.where(was_held, 1, L), np.where(was_held, 2 + price, 1 + price)
             done = ~rejected
-            self.bandit.update(ctx[done], L[done], reward[done])
+            self.bandit.update(ctx[done], L[done], steps[done], cost=cost[done])  # the rate Σ steps / Σ cost
             held = rows[rejected], ctx[rejected], L[rejected], np.ones(int(rejected.sum()), bool)
         played = None
         rows = np.flatnonzero(k < N)
@@ -457,7 +459,8 @@ class RCA(SFM):
     ``leap="bandit"``: one L per round for the whole batch (all samples move together, so a per-sample choice
     would save no call), chosen among ``arms`` per time bucket. The correction itself is the error signal:
     e = ‖x̃ − x_{k+L}‖/‖x̂1(x̃)‖ is sfm's embedded estimate, here the size of the correction rca applies, and
-    the round's reward is L/(1 + μ·mean e) — steps per (call + μ·error), sfm's objective without rejections. μ is
+    the round earns L steps for a cost of 1 + μ·mean e — sfm's rate of steps per (call + μ·error), without
+    rejections. μ is
     calibrated as sfm's on a first batch of L = 1 rounds (the one-call predictor–corrector), from the median of
     their batch-mean e; a bandit round costs one host sync (a fixed leap: none). Its default mu_scale is 10
     (measured on toy64, benchmarks/RESULTS.md); Thompson sampling, as sfm's, matters more here: a batch makes only
@@ -523,4 +526,4 @@ class RCA(SFM):
 
     @host_side
     def _credit(self, ctx: Tensor, L: int, e: float) -> None:
-        self.bandit.update(ctx, torch.tensor([L]), torch.tensor([L / (1 + self.mu_ * e)], dtype=torch.float64))
+        self.bandit.update(ctx, torch.tensor([L]), torch.tensor([float(L)]), cost=torch.tensor([1 + self.mu_ * e]))

@@ -18,7 +18,7 @@ NoiseTable, so with draft = target every step is accepted and the output equals 
 The drafter only ever observes target evaluations at states of the chain (never at discarded drafts), so a
 proposal never depends on the noise of the step it proposes. The window L is fixed, or chosen per sample by
 a bandit (context: time bucket of t_k; cost of a round: 1 sequential call + λ·the sample's target rows, with
-λ = ``compute_price``; reward: steps advanced per unit of that cost, bandit.window_reward).
+λ = ``compute_price``; the bandit learns the rate of steps advanced per unit of that cost, bandit.py).
 ``verifier="block"`` judges the window as a block instead (block.py): same law, at least as many steps kept.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch import Tensor
 
 from specflow.path import per_sample, transition_coefficients
 from specflow.sampling import keyed
-from specflow.sampling.bandit import POLICIES, Bandit, check_arms, check_price, time_bucket, window_reward
+from specflow.sampling.bandit import POLICIES, Bandit, check_arms, check_price, time_bucket, window_cost
 from specflow.sampling.block import draft_distance, kept_steps, residual_draw, residual_noise, round_noise
 from specflow.sampling.base import Sampler, register
 from specflow.sampling.coupling import IsoGaussian, log_acceptance, reflect, residual_sample
@@ -77,7 +77,7 @@ class Speculative(Sampler):
         ``buckets``, by ``policy`` = "thompson" (default) | "ucb1", seeded by ``seed``; the bandit learns across
         calls).
     compute_price: λ ≥ 0, what one target row of a sample costs in units of one sequential call, for the
-        window bandit's objective (bandit.window_reward): 0 prices latency only (the largest window tends to
+        window bandit's objective (bandit.window_cost): 0 prices latency only (the largest window tends to
         win), larger λ prices the rows too (compute per sample; λ = 1: a row costs as much as a call).
     draft_eta: None = the draft proposes with η (reflection coupling); else the draft's own η, whose
         transition has another covariance, coupled by the general maximal coupling.
@@ -165,6 +165,7 @@ class Speculative(Sampler):
         return {"bandit": self.bandit.state_dict(), "objective": self._objective()}
 
     def _objective(self) -> dict:
+        # the objective's name in saved states (steps per window_cost); kept so earlier states still load
         return {"reward": "window_reward", "compute_price": self.compute_price}
 
     def load_state_dict(self, state: dict) -> None:
@@ -260,13 +261,13 @@ class Speculative(Sampler):
 
     @host_side
     def _play_bandit(self, k: Tensor, known: Tensor, grid: Tensor, arms: Tensor, played):
-        """On the host: credit last round's choices (``played``) with window_reward (steps advanced per unit
-        of the round's cost), then choose every sample's window for this round; returns (W, played)."""
+        """On the host: credit last round's choices (``played``) with the steps they advanced and the round's
+        cost (window_cost), then choose every sample's window for this round; returns (W, played)."""
         N = self.steps
         if played is not None:
             ctx, W, k0, rows = played
             fits = W <= N - k0  # an arm clamped at the end of the grid (or a finished sample): no credit
-            self.bandit.update(ctx[fits], W[fits], window_reward((k - k0)[fits], rows[fits], self.compute_price))
+            self.bandit.update(ctx[fits], W[fits], (k - k0)[fits], cost=window_cost(rows[fits], self.compute_price))
         if not bool((k < N).any()):  # all done: no choice to make (a Thompson choice would draw)
             return torch.zeros_like(k), None
         ctx = time_bucket(grid[k], self.buckets)
