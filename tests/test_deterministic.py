@@ -411,3 +411,20 @@ def test_rca_bandit_state_round_trips_and_is_checked():
         sfm.load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match="unknown option"):
         build_sampler("rca", steps=30, leap="bandit", check="local")
+
+
+def test_sfm_bandit_plays_its_preferred_leap_cut_at_the_grid_end_as_a_fixed_leap_does():
+    """A bandit that prefers L = 8 everywhere plays 8, …, 8 and then the 3 steps left, call for call as the fixed
+    leap 8 does (bandit.select keeps a tried arm eligible past the room left; an excluded one cost a call:
+    2 + 1 instead of 3)."""
+    gm = GaussianMixture.default(dim=64)
+    g = torch.Generator().manual_seed(0)
+    s = build_sampler("sfm", steps=100, leap="bandit", tol=float("inf"), check="local", base="ab2", mu=1.0)
+    for _ in range(2):
+        s.sample(gm, torch.randn(64, 64, dtype=torch.float64, generator=g))
+    x0 = torch.randn(64, 64, dtype=torch.float64, generator=g)
+    res = s.sample(gm, x0)
+    fixed = build_sampler("sfm", steps=100, leap=8, tol=float("inf"), base="ab2").sample(gm, x0)
+    assert res.stats.arm_counts == fixed.stats.arm_counts == {8: 12 * 64, 3: 64}
+    assert res.stats.total_nfe == fixed.stats.total_nfe == 14
+    assert torch.equal(res.samples, fixed.samples)
