@@ -81,7 +81,8 @@ its error while μ·e stays below about 1/2 (L/(1 + μ·e) stops growing with L 
 One knob then sets both, and unlike a calibrated μ (∝ N², through base-N's error) it means the same on every
 grid. With tol = ∞ (no check) give μ itself. Pooled over N = 25…200 on toy64 (``deterministic.py --front``,
 benchmarks/RESULTS.md), this priced bandit — local check or none — is as cheap as the best fixed leap at equal
-error or cheaper at 10 of its 15 Pareto points with Thompson sampling (median 0.86×), the x̂1-checked one at 3 of 6.
+error or cheaper at 16 of its 17 Pareto points with Thompson sampling (median 0.90×; 12 of 12 with other noise),
+the x̂1-checked one at 2 of 11; on Fashion-MNIST it ties (7 of 19, median 1.03×).
 """
 from __future__ import annotations
 
@@ -460,11 +461,10 @@ class RCA(SFM):
     would save no call), chosen among ``arms`` per time bucket. The correction itself is the error signal:
     e = ‖x̃ − x_{k+L}‖/‖x̂1(x̃)‖ is sfm's embedded estimate, here the size of the correction rca applies, and
     the round earns L steps for a cost of 1 + μ·mean e — sfm's rate of steps per (call + μ·error), without
-    rejections. μ is
-    calibrated as sfm's on a first batch of L = 1 rounds (the one-call predictor–corrector), from the median of
-    their batch-mean e; a bandit round costs one host sync (a fixed leap: none). Its default mu_scale is 10
-    (measured on toy64, benchmarks/RESULTS.md); Thompson sampling, as sfm's, matters more here: a batch makes only
-    N/L decisions, too few for UCB1's exploration to settle.
+    rejections. μ is calibrated as sfm's on a first batch of L = 1 rounds (the one-call predictor–corrector),
+    from the median of their batch-mean e; a bandit round costs one host sync (a fixed leap: none). Its default
+    mu_scale is 10 (measured on toy64, benchmarks/RESULTS.md); Thompson sampling, as sfm's, matters more here: a
+    batch makes only N/L decisions, too few for UCB1's exploration to settle.
     """
 
     name = "rca"
