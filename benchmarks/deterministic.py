@@ -327,7 +327,7 @@ def pooled_from_log(*paths: str) -> dict:
     --steps) is the same for every table, so the points pool as the run itself would have pooled them; several
     logs pool alike if their runs share model, --steps, --batch and --seed (a later log's row replaces an
     earlier one of the same label: e.g. bandit rows rerun after a change, against the first run's fixed leaps)."""
-    measured, N = {}, None
+    measured = {}
     for path in paths:
         measured.update(_rows_of_log(path))
     return measured

@@ -135,6 +135,19 @@ def test_rate_state_round_trips_and_a_plain_state_loads():
     assert fresh.means[0].tolist() == [1.0, 2.0]
 
 
+@pytest.mark.parametrize("name,opts", [("sfm", dict(leap="bandit", check="local", tol=0.01)),
+                                       ("rca", dict(leap="bandit", mu=1.0)),
+                                       ("speculative", dict(window="bandit"))])
+def test_a_rate_sampler_refuses_a_state_of_averaged_ratios(name, opts):
+    from specflow.sampling import build_sampler
+
+    state = build_sampler(name, steps=20, **opts).state_dict()
+    build_sampler(name, steps=20, **opts).load_state_dict(state)  # control: its own state loads
+    old = {**state, "bandit": {k: v for k, v in state["bandit"].items() if k not in ("w", "scc", "syc")}}
+    with pytest.raises(ValueError, match="before its bandit learnt rates"):
+        build_sampler(name, steps=20, **opts).load_state_dict(old)
+
+
 @pytest.mark.parametrize("cost", [0.0, -1.0, float("nan"), float("inf")])
 def test_bad_cost_is_an_error(cost):
     with pytest.raises(ValueError, match="costs must be finite and > 0"):

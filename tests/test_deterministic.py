@@ -274,9 +274,9 @@ def test_sfm_bandit_error_price_buys_accuracy_with_shorter_leaps():
 
 def test_sfm_local_check_bandit_prices_error_at_its_tol():
     """With the local check, tol and μ are on one scale: μ = LOCAL_MU_TOL/tol, no calibration batch (the first
-    batch already leaps); priced, the bandit takes shorter leaps where they pay and leaves less error than a
-    calls-only bandit (μ = 0, the control) at the same tol, for no more calls (at N = 100: 5.5e-4 in 49 calls
-    against 8.6e-4 in 52; at N = 50 the two are within a few % of each other on this mixture)."""
+    batch already leaps); priced, the bandit leaves less error than a calls-only bandit (μ = 0, the control) at
+    the same tol, for no more calls (at N = 100: 5.5e-4 in 49 calls against 8.6e-4 in 52; at N = 50 the two are
+    within a few % of each other on this mixture)."""
     from specflow.sampling.sfm import LOCAL_MU_TOL
 
     s = build_sampler("sfm", steps=50, leap="bandit", check="local", tol=1e-3, base="ab2")

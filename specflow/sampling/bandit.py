@@ -142,13 +142,13 @@ class Bandit:
         return self.s1 / torch.where(self.n > 0, self.w, 1.0)
 
     def best(self) -> Tensor:
-        """The arm value with the highest mean reward per context (untried arms count as -inf)."""
+        """The arm value with the highest mean reward (or rate) per context (untried arms count as -inf)."""
         m = torch.where(self.n > 0, self.means, torch.full_like(self.means, -math.inf))
         return self._values[m.argmax(1)]
 
     def schedule(self) -> dict[str, float]:
         """The learnt schedule, for logs and plots: per context (time bucket) with pulls, the arm its mean reward
-        prefers now and that mean — ``{"bucket<i>/arm": value, "bucket<i>/reward": mean}``."""
+        (or rate) prefers now and that value — ``{"bucket<i>/arm": value, "bucket<i>/reward": mean}``."""
         best, out = self.best(), {}
         for i in range(self.contexts):
             if self.n[i].sum() > 0:
@@ -192,8 +192,11 @@ class Bandit:
             # the context's pooled residual variance, about its own overall mean (rate)
             nc, s1c, wc, s2c, sccc, sycc = (a.sum(1, keepdims=True) for a in (n, s1, w, s2, scc, syc))
             mc = s1c / np.where(nc > 0, wc, 1.0)
-            pooled = np.where(nc >= 2, (s2c - 2 * mc * sycc + mc**2 * sccc) / np.maximum(nc - 1, 1), R**2)
-            var = np.maximum(np.where(n >= 2, var, pooled), 1e-6 * R**2)
+            pooled = (s2c - 2 * mc * sycc + mc**2 * sccc) / np.maximum(nc - 1, 1)
+            # R is a range of ratios y/c: the fallback and the floor are in y's units, R·(the arm's mean cost)
+            # (1 for plain rewards), so that an expensive arm tried once is explored as much as a cheap one
+            Ry2 = R**2 * (w / np.maximum(n, 1)) ** 2
+            var = np.maximum(np.where(n >= 2, var, np.where(nc >= 2, pooled, Ry2)), 1e-6 * Ry2)
             z = torch.randn(n.shape, generator=self.generator, dtype=torch.float64).numpy()
             score = mean + z * np.sqrt(var * n / np.where(n > 0, w, 1.0) ** 2)
         # Untried arms first (the lowest one), so every arm has a mean before any is preferred.
@@ -262,6 +265,15 @@ class Bandit:
 
 
 _SUMS = ("n", "s1", "s2", "w", "scc", "syc")  # the statistics a state carries
+
+
+def check_rate_state(state: dict, who: str) -> None:
+    """A sampler whose bandit learns rates refuses a bandit state saved when it averaged per-decision ratios: its
+    sums hold ratios, and rates added on top would mix the two."""
+    if "w" not in state:
+        raise ValueError(f"this {who} bandit state was saved before its bandit learnt rates (Σ steps / Σ cost; it "
+                         "averaged per-decision ratios): its statistics mean something else here; start without "
+                         "the state, or relearn it")
 
 
 def _host(a, dtype) -> np.ndarray:

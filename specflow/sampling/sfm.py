@@ -94,7 +94,8 @@ import torch
 from torch import Tensor
 
 from specflow.path import per_sample, x1_hat
-from specflow.sampling.bandit import POLICIES, Bandit, check_arms, check_scale, finite_nonneg, time_bucket
+from specflow.sampling.bandit import (POLICIES, Bandit, check_arms, check_rate_state, check_scale, finite_nonneg,
+                                      time_bucket)
 from specflow.sampling.base import Sampler, register
 from specflow.sampling.drafters import DRAFTERS, make_drafter
 from specflow.sampling.graphs import for_tensor as graphs_for
@@ -425,6 +426,7 @@ class SFM(Sampler):
                      f"mu={self.mu_:g} (= {LOCAL_MU_TOL:g}/tol with the local check)")
             raise ValueError(f"{self.name} state was {learnt} but this sampler has {given}: rewards priced at another "
                              f"rate; build it with the same mu (or tol), or start without the state")
+        check_rate_state(state["bandit"], self.name)
         self.bandit.load_state_dict(state["bandit"])
         self.mu_ = None if mu is None else float(mu)
 

@@ -32,7 +32,8 @@ from torch import Tensor
 
 from specflow.path import per_sample, transition_coefficients
 from specflow.sampling import keyed
-from specflow.sampling.bandit import POLICIES, Bandit, check_arms, check_price, time_bucket, window_cost
+from specflow.sampling.bandit import (POLICIES, Bandit, check_arms, check_price, check_rate_state, time_bucket,
+                                      window_cost)
 from specflow.sampling.block import draft_distance, kept_steps, residual_draw, residual_noise, round_noise
 from specflow.sampling.base import Sampler, register
 from specflow.sampling.coupling import IsoGaussian, log_acceptance, reflect, residual_sample
@@ -177,6 +178,7 @@ class Speculative(Sampler):
                              f"{self._objective()}: its rewards are in other units; build the sampler with "
                              f"compute_price={theirs.get('compute_price')}, or start without the saved state")
         if "bandit" in state:
+            check_rate_state(state["bandit"], self.name)
             self.bandit.load_state_dict(state["bandit"])
 
     def _check_verifier(self):

@@ -29,7 +29,8 @@ class SampleStats:
     rounds: int = 0
     wall_time_s: float = 0.0
     baseline_steps: int = 0
-    arm_counts: dict = field(default_factory=dict)
+    arm_counts: dict = field(default_factory=dict)  # arm → times played (speculative: windows as chosen, a
+    # choice cut at the grid's end counted as chosen; sfm/rca/fastflow: the lengths played)
 
     def as_dict(self) -> dict:
         d = asdict(self)
