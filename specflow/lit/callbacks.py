@@ -278,7 +278,7 @@ class SamplingEvaluation(pl.Callback):
 
 
 def _bandit_schedule(sampler: Sampler) -> dict[str, float]:
-    """Per time bucket: the arm the sampler's bandit prefers now and its mean reward (none: {})."""
+    """Per time bucket: the arm the sampler's bandit prefers now and its mean reward or rate (none: {})."""
     bandit = getattr(sampler, "bandit", None)
     return bandit.schedule() if bandit is not None else {}
 
