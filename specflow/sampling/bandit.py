@@ -180,8 +180,7 @@ class Bandit:
         # numpy on the host: a sampler calls this every round, between a device sync and the next launch
         device = context.device if isinstance(context, Tensor) else "cpu"
         ctx = self._check_context(context)
-        n, s1, w = self.n.numpy()[ctx], self.s1.numpy()[ctx], self.w.numpy()[ctx]  # (B, A)
-        mean = s1 / np.where(n > 0, w, 1.0)
+        n, s1, w, mean = (a.numpy()[ctx] for a in (self.n, self.s1, self.w, self.means))  # (B, A)
         R = self._range()
         if self.policy == "ucb1":
             n_ctx = np.maximum(n.sum(1, keepdims=True), 1)
