@@ -130,3 +130,41 @@ def test_deterministic_pool_merges_logs_a_later_row_replacing_an_earlier(tmp_pat
                       "front sfm ab2 bandit priced thompson accept-all mu10 N25": (8.0, 4e-2)}
     assert bench.pooled_from_log(str(second), str(first))[
         "front sfm ab2 bandit priced thompson accept-all mu10 N25"] == (9.0, 5e-2)  # the later log wins
+
+
+def test_deterministic_pool_reads_the_median_column_and_refuses_a_log_without_it(tmp_path):
+    bench = _load("deterministic")
+    head = "### fashion, N = 25, batch 32, cpu, dtype float32\nmethod  total_nfe  seq_nfe  acc  err_eN  err_fine  time\n"
+    row = "{:<40}  13.0  13  1.00  1.00e-02 / 40.0dB  1.93e-02 / 41.0dB  0.50{}\n"
+    new, old = tmp_path / "new.txt", tmp_path / "old.txt"
+    new.write_text(head + row.format("front sfm ab2 L2 accept-all", "  7.50e-03") + "\n")
+    old.write_text(head + row.format("front sfm ab2 L2 accept-all", "") + "\n")
+    assert bench.pooled_from_log(str(new), metric="median") == {"front sfm ab2 L2 accept-all N25": (13.0, 7.5e-3)}
+    assert bench.pooled_from_log(str(new)) == bench.pooled_from_log(str(old)) == {
+        "front sfm ab2 L2 accept-all N25": (13.0, 1.93e-2)}  # the batch's error, with or without the column
+    with pytest.raises(ValueError, match="no med_fine column"):
+        bench.pooled_from_log(str(old), metric="median")
+
+
+def test_median_error_is_not_carried_by_one_bad_sample():
+    bench = _load("deterministic")
+    ref = torch.ones(9, 4)
+    out = ref.clone()
+    out[:, 0] += 0.01  # every sample 0.5 % off
+    out[0] += 10.0  # one sample far off: it carries the batch's error, not the median
+    assert bench.median_error(out, ref) == pytest.approx(0.005)
+    assert bench.relative_error(out, ref) > 1.0
+
+
+def test_leap_sensitivity_replays_fixed_schedules_and_the_learnt_one(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT))
+    bench = _load("leap_sensitivity")
+    monkeypatch.setattr(sys, "argv", ["leap_sensitivity.py", "--models", "toy64", "--steps", "16", "--batch", "8",
+                                      "--mu", "100", "--warmup", "1"])
+    bench.main()
+    out = capsys.readouterr().out.splitlines()
+    rows = {line[:28].strip(): line[28:].split() for line in out if line[:1] in "0123456789 b" and "  " in line}
+    assert float(rows["1 1 1 1"][0]) == 16.0 and float(rows["2 2 2 2"][0]) == 9.0  # N calls; N/2 + 1
+    assert float(rows["4 4 4 4"][-1]) == 0.0  # moved: the all-4 schedule is the reference
+    assert float(rows["1 1 1 1"][1]) < float(rows["8 8 8 8"][1])  # base steps beat 8-leaps
+    assert any(k.startswith("its best:") for k in rows) and "bandit mu100 (learning)" in rows
