@@ -82,7 +82,9 @@ One knob then sets both, and unlike a calibrated μ (∝ N², through base-N's e
 grid. With tol = ∞ (no check) give μ itself. Pooled over N = 25…200 on toy64 (``deterministic.py --front``,
 benchmarks/RESULTS.md), this priced bandit — local check or none — is as cheap as the best fixed leap at equal
 error or cheaper at 16 of its 17 Pareto points with Thompson sampling (median 0.90×; 12 of 12 with other noise),
-the x̂1-checked one at 2 of 11; on Fashion-MNIST 7 of 19 at guidance 1 (median 1.03×: a tie), 9 of 13 at 3 (0.85×).
+the x̂1-checked one at 2 of 11; on Fashion-MNIST 7 of 19 at guidance 1 (median 1.03×: a tie, the same with other
+noise), 9 of 13 at 3 (0.85×). The tie's cause: there Σe ranks leap schedules unlike the output's error (an error
+early in t costs the output 3–4× more than late; benchmarks/leap_sensitivity.py).
 """
 from __future__ import annotations
 
