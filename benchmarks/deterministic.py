@@ -29,6 +29,7 @@ import argparse
 import math
 import re
 import time
+import zlib
 
 import torch
 
@@ -123,6 +124,13 @@ def load_model(name: str, args, guidance: float | None = None):
     return net, shape, torch.float32, cond, True
 
 
+def warmup_generator(seed: int, label: str) -> torch.Generator:
+    """The generator of a learning row's warm-up batches, from --seed and the row's label alone: an ``--only``
+    subset reproduces the full run's rows (logs written before this drew warm-ups from one generator shared by
+    the rows in turn, so their bandit rows depended on the rows run before them)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(label.encode()))
+
+
 def timed(sampler, model, x0, cond, draft=None):
     res = sampler.sample(model, x0, cond=cond, draft=draft if sampler.needs_draft else None)
     return res, res.stats.wall_time_s
@@ -188,10 +196,11 @@ def table(model_name, N, args, guidance=None):
         except ValueError as e:
             rows.append((label, "n/a: " + str(e)[:60], "", "", "", "", ""))
             continue
-        if learns:
+        if learns:  # warm-ups of the row's own (so a row's figures do not depend on the rows run before it)
+            gw = warmup_generator(args.seed, label)
             for w in range(args.warmup):
-                xw = torch.randn(args.batch, *shape, generator=g, dtype=dtype).to(args.device)
-                s.sample(model, xw, cond=make_cond(args.batch, g) if make_cond else None, draft=draft)
+                xw = torch.randn(args.batch, *shape, generator=gw, dtype=dtype).to(args.device)
+                s.sample(model, xw, cond=make_cond(args.batch, gw) if make_cond else None, draft=draft)
         res, _ = timed(s, model, x0, cond, draft)
         add(label, res, t_eN)
         costs.append(res.stats.total_nfe)

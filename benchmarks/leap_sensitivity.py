@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from deterministic import load_model
+from deterministic import load_model, warmup_generator
 from specflow.sampling import build_sampler
 
 BUCKETS = 4
@@ -112,9 +112,10 @@ def main():
                 ref["x"] = res.samples
         for mu in args.mu:
             s = sfm(N, mu)
+            gw = warmup_generator(args.seed, f"mu{mu:g}")
             for _ in range(args.warmup):
-                xw = torch.randn(B, *shape, generator=g, dtype=dtype).to(args.device)
-                s.sample(model, xw, cond=make_cond(B, g) if make_cond else None)
+                xw = torch.randn(B, *shape, generator=gw, dtype=dtype).to(args.device)
+                s.sample(model, xw, cond=make_cond(B, gw) if make_cond else None)
             best = s.bandit.best().tolist()
             row(f"bandit mu{mu:g} (learning)", s)
             greedy = sfm(N, 1.0)

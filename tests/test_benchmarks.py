@@ -168,3 +168,21 @@ def test_leap_sensitivity_replays_fixed_schedules_and_the_learnt_one(monkeypatch
     assert float(rows["4 4 4 4"][-1]) == 0.0  # moved: the all-4 schedule is the reference
     assert float(rows["1 1 1 1"][1]) < float(rows["8 8 8 8"][1])  # base steps beat 8-leaps
     assert any(k.startswith("its best:") for k in rows) and "bandit mu100 (learning)" in rows
+
+
+def test_deterministic_bandit_row_does_not_depend_on_the_rows_before_it(monkeypatch, capsys):
+    """A learning row's warm-ups are its own (seed, label): run alone (--only) it prints what it prints after
+    other learning rows. Control: its figures do depend on its warm-ups (none: other figures)."""
+    bench = _load("deterministic")
+    row = "sfm ab2 bandit tol.05"
+
+    def printed(*only, warmup="2"):
+        monkeypatch.setattr(sys, "argv", ["deterministic.py", "--steps", "20", "--batch", "16", "--models", "toy64",
+                                          "--warmup", warmup, "--only", *only])
+        bench.main()
+        line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(row + " "))
+        return line.split()[len(row.split()):-2]  # its NFE, acceptance and errors (not the wall times)
+
+    alone = printed(row)
+    assert printed("sfm bandit tol.05", "fastflow", row) == alone
+    assert printed(row, warmup="0") != alone
