@@ -7,11 +7,13 @@ The priced leap bandit (sfm.py) pays calls + μ·Σe, e each leap's embedded loc
 output's error. For one model and grid this prints, per leap schedule (one leap per time bucket, as the bandit
 chooses): NFE; the batch's relative error against a fine reference (heun, 4N steps; what deterministic.py reports);
 the median of the samples' own relative errors; the share of the batch error's square carried by its worst 3
-samples; Σe per bucket (what the bandit is charged); the rank correlation over samples between output error and
-Σe; and how far the output moved from the all-4 schedule's, in units of that schedule's error. Rows: every fixed
-leap; the all-4 schedule with one bucket changed to 2 or 8; then the bandit (Thompson, accept-all, μ of --mu)
-after --warmup batches, played as it learns (deterministic.py's bandit rows) and its learnt schedule replayed
-greedily (``Bandit.best()`` per bucket).
+samples; Σe, the batch's sum of every leap's local error estimate e; the price per sample at each μ of --mu, NFE +
+μ·Σe/batch (what the priced bandit minimises per step, near enough: it does not credit the leaps cut at the grid's
+end); the rank correlation over samples between output error and Σe; and how far the output moved from the all-4
+schedule's, in units of that schedule's error. Rows: every fixed leap; the all-4 schedule with one bucket changed
+to 2 or 8 (then the rank correlation over these schedules between Σe and each error); then the bandit (Thompson,
+accept-all) at each μ after --warmup batches, played as it learns (deterministic.py's bandit rows), and its learnt
+schedule replayed greedily (``Bandit.best()`` per bucket).
 """
 import argparse
 import math
@@ -91,25 +93,32 @@ def main():
         def row(label, sampler):
             e = leap_errors(sampler, B)
             res = sampler.sample(model, x0, cond=cond)
-            out = per(res.samples)
+            out, nfe = per(res.samples), res.stats.total_nfe
+            err = float((res.samples - fine).norm() / fine.norm())
             sq = np.sort(out**2)[::-1]
             moved = (float((res.samples - ref["x"]).norm() / (ref["x"] - fine).norm()) if ref else 0.0)
-            print(f"{label:<28} {res.stats.total_nfe:6.1f}  {float((res.samples - fine).norm() / fine.norm()):.2e}  "
-                  f"{np.median(out):.2e}  {sq[:3].sum() / sq.sum():5.2f}  {e.sum():7.3f}  "
-                  f"{np.corrcoef(ranks(out), ranks(e))[0, 1]:5.2f}  {moved:5.2f}")
-            return res
+            prices = "".join(f"  {nfe + mu * e.sum() / B:8.1f}" for mu in args.mu)
+            print(f"{label:<28} {nfe:6.1f}  {err:.2e}  {np.median(out):.2e}  {sq[:3].sum() / sq.sum():5.2f}  "
+                  f"{e.sum():7.3f}{prices}  {np.corrcoef(ranks(out), ranks(e))[0, 1]:5.2f}  {moved:5.2f}")
+            return res, e.sum(), err, np.median(out)
 
         print(f"\n### {name}, guidance {args.guidance}, N = {N}, batch {B} (sfm ab2, no check; buckets {BUCKETS})")
-        print(f"{'leaps per bucket':<28} {'NFE':>6}  {'err':>8}  {'median':>8}  {'top3':>5}  {'Σe':>7}  {'ρ(e)':>5}  "
-              f"{'moved':>5}")
+        prices = "".join(f"  {'price' + format(mu, 'g'):>8}" for mu in args.mu)
+        print(f"{'leaps per bucket':<28} {'NFE':>6}  {'err':>8}  {'median':>8}  {'top3':>5}  {'Σe':>7}{prices}  "
+              f"{'ρ(e)':>5}  {'moved':>5}")
         schedules = [[L] * BUCKETS for L in (4, 1, 2, 8)]
         schedules += [[4] * b + [L] + [4] * (BUCKETS - b - 1) for b in range(BUCKETS) for L in (2, 8)]
+        fixed = []
         for leaps in schedules:
             s = sfm(N, 1.0)
             s.bandit = FixedSchedule(leaps)
-            res = row(" ".join(map(str, leaps)), s)
+            res, *figures = row(" ".join(map(str, leaps)), s)
+            fixed.append(figures)
             if not ref:
                 ref["x"] = res.samples
+        se, err, med = np.array(fixed).T
+        print(f"rank correlation over these schedules of Σe with the error {np.corrcoef(ranks(se), ranks(err))[0, 1]:.2f}, "
+              f"with the median {np.corrcoef(ranks(se), ranks(med))[0, 1]:.2f}")
         for mu in args.mu:
             s = sfm(N, mu)
             gw = warmup_generator(args.seed, f"mu{mu:g}")

@@ -4,6 +4,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,11 +138,18 @@ def test_deterministic_pool_reads_the_median_column_and_refuses_a_log_without_it
     head = "### fashion, N = 25, batch 32, cpu, dtype float32\nmethod  total_nfe  seq_nfe  acc  err_eN  err_fine  time\n"
     row = "{:<40}  13.0  13  1.00  1.00e-02 / 40.0dB  1.93e-02 / 41.0dB  0.50{}\n"
     new, old = tmp_path / "new.txt", tmp_path / "old.txt"
-    new.write_text(head + row.format("front sfm ab2 L2 accept-all", "  7.50e-03") + "\n")
-    old.write_text(head + row.format("front sfm ab2 L2 accept-all", "") + "\n")
-    assert bench.pooled_from_log(str(new), metric="median") == {"front sfm ab2 L2 accept-all N25": (13.0, 7.5e-3)}
+    ab2 = "  ab2-13{}  13.0  13        1.10e-02 / 39.0dB  2.00e-02 / 40.0dB  0.40{}\n"  # no acceptance
+    toy = "front sfm ab2 L4 accept-all{}  7.0  7  1.00  3.00e-02  4.00e-02  0.30{}\n"  # no PSNR
+    new.write_text(head + row.format("front sfm ab2 L2 accept-all", "  7.50e-03") + ab2.format(" " * 27, "  8.00e-03")
+                   + toy.format(" " * 14, "  3.50e-02") + "\n")
+    old.write_text(head + row.format("front sfm ab2 L2 accept-all", "") + ab2.format(" " * 27, "")
+                   + toy.format(" " * 14, "") + "\n")
+    assert bench.pooled_from_log(str(new), metric="median") == {
+        "front sfm ab2 L2 accept-all N25": (13.0, 7.5e-3), "  ab2-13 N25": (13.0, 8e-3),
+        "front sfm ab2 L4 accept-all N25": (7.0, 3.5e-2)}
     assert bench.pooled_from_log(str(new)) == bench.pooled_from_log(str(old)) == {
-        "front sfm ab2 L2 accept-all N25": (13.0, 1.93e-2)}  # the batch's error, with or without the column
+        "front sfm ab2 L2 accept-all N25": (13.0, 1.93e-2), "  ab2-13 N25": (13.0, 2e-2),
+        "front sfm ab2 L4 accept-all N25": (7.0, 4e-2)}  # the batch's error, with or without the column
     with pytest.raises(ValueError, match="no med_fine column"):
         bench.pooled_from_log(str(old), metric="median")
 
@@ -167,6 +175,10 @@ def test_leap_sensitivity_replays_fixed_schedules_and_the_learnt_one(monkeypatch
     assert float(rows["1 1 1 1"][0]) == 16.0 and float(rows["2 2 2 2"][0]) == 9.0  # N calls; N/2 + 1
     assert float(rows["4 4 4 4"][-1]) == 0.0  # moved: the all-4 schedule is the reference
     assert float(rows["1 1 1 1"][1]) < float(rows["8 8 8 8"][1])  # base steps beat 8-leaps
+    nfe, se, price = (np.array([float(r[i]) for r in rows.values()]) for i in (0, 4, 5))
+    assert (se > 0).all() and float(rows["1 1 1 1"][4]) < float(rows["8 8 8 8"][4])  # 8-leaps leave more e
+    assert np.allclose(price, nfe + 100 * se / 8, atol=0.06)  # the price: NFE + μ·Σe/batch
+    assert any(line.startswith("rank correlation over these schedules") for line in out)
     assert any(k.startswith("its best:") for k in rows) and "bandit mu100 (learning)" in rows
 
 
@@ -181,7 +193,7 @@ def test_deterministic_bandit_row_does_not_depend_on_the_rows_before_it(monkeypa
                                           "--warmup", warmup, "--only", *only])
         bench.main()
         line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(row + " "))
-        return line.split()[len(row.split()):-2]  # its NFE, acceptance and errors (not the wall times)
+        return line.split()[len(row.split()):-2]  # its NFE, acceptance and errors (not time and med_fine)
 
     alone = printed(row)
     assert printed("sfm bandit tol.05", "fastflow", row) == alone
