@@ -7,7 +7,9 @@ The priced leap bandit (sfm.py) pays calls + μ·Σe, e each leap's embedded loc
 output's error. For one model and grid this prints, per leap schedule (one leap per time bucket, as the bandit
 chooses): NFE; the batch's relative error against a fine reference (heun, 4N steps; what deterministic.py reports);
 the median of the samples' own relative errors; the share of the batch error's square carried by its worst 3
-samples; Σe, the batch's sum of every leap's local error estimate e; the price per sample at each μ of --mu, NFE +
+samples; Σe, the batch's sum of every leap's local error estimate e (and, last, split by the bucket each leap
+started in: the bandit charges a leap its own e only, so a choice that raises the e of later leaps is not charged
+for it); the price per sample at each μ of --mu, NFE +
 μ·Σe/batch (what the priced bandit minimises per step, near enough: it does not credit the leaps cut at the grid's
 end); the rank correlation over samples between output error and Σe; and how far the output moved from the all-4
 schedule's, in units of that schedule's error. Rows: every fixed leap; the all-4 schedule with one bucket changed
@@ -24,6 +26,7 @@ import torch
 
 from deterministic import load_model, warmup_generator
 from specflow.sampling import build_sampler
+from specflow.sampling.bandit import time_bucket
 
 BUCKETS = 4
 
@@ -42,21 +45,23 @@ class FixedSchedule:
 
 
 def leap_errors(sampler, B):
-    """Wrap the sampler's per-round plan to sum, per sample, the e of every decision that moved it (the e the
-    priced bandit reads: fetched each round for the rows that moved last round)."""
-    total, last = np.zeros(B), [None]
+    """Wrap the sampler's per-round plan to sum the e of every decision (the e the priced bandit reads: fetched
+    each round for the rows that moved last round) per sample and per time bucket the decision started in."""
+    per_sample, per_bucket, last = np.zeros(B), np.zeros(BUCKETS), [None]
     plan = sampler._plan
 
-    def recording(k, retry, err, *rest):
+    def recording(k, retry, err, grid, *rest):
         k_now = k.numpy().copy()
         if last[0] is not None and err is not None:
             moved = k_now != last[0]
-            total[moved] += err.numpy()[moved]
+            e = err.numpy()[moved].astype(np.float64)
+            per_sample[moved] += e
+            np.add.at(per_bucket, time_bucket(grid[last[0][moved]], BUCKETS).numpy(), e)
         last[0] = k_now
-        return plan(k, retry, err, *rest)
+        return plan(k, retry, err, grid, *rest)
 
     sampler._plan = recording
-    return total
+    return per_sample, per_bucket
 
 
 def ranks(a):
@@ -91,7 +96,7 @@ def main():
         ref = {}
 
         def row(label, sampler):
-            e = leap_errors(sampler, B)
+            e, e_bucket = leap_errors(sampler, B)
             res = sampler.sample(model, x0, cond=cond)
             out, nfe = per(res.samples), res.stats.total_nfe
             err = float((res.samples - fine).norm() / fine.norm())
@@ -99,13 +104,14 @@ def main():
             moved = (float((res.samples - ref["x"]).norm() / (ref["x"] - fine).norm()) if ref else 0.0)
             prices = "".join(f"  {nfe + mu * e.sum() / B:8.1f}" for mu in args.mu)
             print(f"{label:<28} {nfe:6.1f}  {err:.2e}  {np.median(out):.2e}  {sq[:3].sum() / sq.sum():5.2f}  "
-                  f"{e.sum():7.3f}{prices}  {np.corrcoef(ranks(out), ranks(e))[0, 1]:5.2f}  {moved:5.2f}")
+                  f"{e.sum():7.3f}{prices}  {np.corrcoef(ranks(out), ranks(e))[0, 1]:5.2f}  {moved:5.2f}  "
+                  + " ".join(f"{v:.3f}" for v in e_bucket))
             return res, e.sum(), err, np.median(out)
 
         print(f"\n### {name}, guidance {args.guidance}, N = {N}, batch {B} (sfm ab2, no check; buckets {BUCKETS})")
         prices = "".join(f"  {'price' + format(mu, 'g'):>8}" for mu in args.mu)
         print(f"{'leaps per bucket':<28} {'NFE':>6}  {'err':>8}  {'median':>8}  {'top3':>5}  {'Σe':>7}{prices}  "
-              f"{'ρ(e)':>5}  {'moved':>5}")
+              f"{'ρ(e)':>5}  {'moved':>5}  Σe by the bucket each leap started in")
         schedules = [[L] * BUCKETS for L in (4, 1, 2, 8)]
         schedules += [[4] * b + [L] + [4] * (BUCKETS - b - 1) for b in range(BUCKETS) for L in (2, 8)]
         fixed = []

@@ -173,11 +173,14 @@ def test_leap_sensitivity_replays_fixed_schedules_and_the_learnt_one(monkeypatch
     out = capsys.readouterr().out.splitlines()
     rows = {line[:28].strip(): line[28:].split() for line in out if line[:1] in "0123456789 b" and "  " in line}
     assert float(rows["1 1 1 1"][0]) == 16.0 and float(rows["2 2 2 2"][0]) == 9.0  # N calls; N/2 + 1
-    assert float(rows["4 4 4 4"][-1]) == 0.0  # moved: the all-4 schedule is the reference
+    assert float(rows["4 4 4 4"][7]) == 0.0  # moved: the all-4 schedule is the reference
     assert float(rows["1 1 1 1"][1]) < float(rows["8 8 8 8"][1])  # base steps beat 8-leaps
     nfe, se, price = (np.array([float(r[i]) for r in rows.values()]) for i in (0, 4, 5))
     assert (se > 0).all() and float(rows["1 1 1 1"][4]) < float(rows["8 8 8 8"][4])  # 8-leaps leave more e
     assert np.allclose(price, nfe + 100 * se / 8, atol=0.06)  # the price: NFE + μ·Σe/batch
+    by_bucket = np.array([[float(v) for v in r[8:12]] for r in rows.values()])
+    assert np.allclose(by_bucket.sum(1), se, atol=3e-3)  # Σe split by the bucket each leap started in
+    assert by_bucket[list(rows).index("4 4 4 4"), :3].tolist() == by_bucket[list(rows).index("4 4 4 8"), :3].tolist()
     assert any(line.startswith("rank correlation over these schedules") for line in out)
     assert any(k.startswith("its best:") for k in rows) and "bandit mu100 (learning)" in rows
 
