@@ -83,8 +83,9 @@ grid. With tol = ∞ (no check) give μ itself. Pooled over N = 25…200 on toy6
 benchmarks/RESULTS.md), this priced bandit — local check or none — is as cheap as the best fixed leap at equal
 error or cheaper at 16 of its 17 Pareto points with Thompson sampling (median 0.90×; 12 of 12 with other noise),
 the x̂1-checked one at 2 of 11; on Fashion-MNIST 7 of 19 at guidance 1 (median 1.03×: a tie, the same with other
-noise), 9 of 13 at 3 (0.85×). The tie's cause: there Σe ranks leap schedules unlike the output's error (an error
-early in t costs the output 3–4× more than late; benchmarks/leap_sensitivity.py).
+noise), 9 of 13 at 3 (0.85×). The tie's cause there (benchmarks/leap_sensitivity.py): per sample Σe predicts the
+output's error weakly, it is nearly flat between schedules whose errors differ 1.7×, and a decision is charged its
+own e only, not the e it causes in the leaps after it.
 """
 from __future__ import annotations
 
