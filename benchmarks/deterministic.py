@@ -342,11 +342,12 @@ def print_families(measured):
 
 
 def pooled_from_log(*paths: str, metric: str = "batch") -> dict:
-    """{label N<n>: (total NFE, err_fine)} from the tables ``--front`` runs printed (``--pool``): the tables they
-    finished, e.g. of a run stopped before its largest N. A run's reference (heun, 4× the largest N of its
-    --steps) is the same for every table, so the points pool as the run itself would have pooled them; several
-    logs pool alike if their runs share model, --steps, --batch and --seed (a later log's row replaces an
-    earlier one of the same label: e.g. bandit rows rerun after a change, against the first run's fixed leaps)."""
+    """{label N<n>: (total NFE, err_fine, or med_fine with metric="median")} from the tables ``--front`` runs printed
+    (``--pool``): the tables they finished, e.g. of a run stopped before its largest N. A run's reference (heun, 4×
+    the largest N of its --steps) is the same for every table, so the points pool as the run itself would have
+    pooled them; several logs pool alike if their runs share model, --steps, --batch and --seed (a later log's row
+    replaces an earlier one of the same label: e.g. bandit rows rerun after a change, against the first run's fixed
+    leaps)."""
     measured = {}
     for path in paths:
         measured.update(_rows_of_log(path, metric))
