@@ -9,9 +9,8 @@ chooses): NFE; the batch's relative error against a fine reference (heun, 4N ste
 the median of the samples' own relative errors; the share of the batch error's square carried by its worst 3
 samples; Σe, the batch's sum of every leap's local error estimate e (and, last, split by the bucket each leap
 started in: the bandit charges a leap its own e only, so a choice that raises the e of later leaps is not charged
-for it); the price per sample at each μ of --mu, NFE +
-μ·Σe/batch (what the priced bandit minimises per step, near enough: it does not credit the leaps cut at the grid's
-end); the rank correlation over samples between output error and Σe; and how far the output moved from the all-4
+for it); the price per sample at each μ of --mu, NFE + μ·Σe/batch (what the priced bandit minimises per step, near
+enough: it does not credit the leaps cut at the grid's end); the rank correlation over samples between output error and Σe; and how far the output moved from the all-4
 schedule's, in units of that schedule's error. Rows: every fixed leap; the all-4 schedule with one bucket changed
 to 2 or 8 (then the rank correlation over these schedules between Σe and each error); then the bandit (Thompson,
 accept-all) at each μ after --warmup batches, played as it learns (deterministic.py's bandit rows), and its learnt
@@ -24,7 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from deterministic import load_model, warmup_generator
+from deterministic import load_model, relative_error, sample_errors, warmup_generator
 from specflow.sampling import build_sampler
 from specflow.sampling.bandit import time_bucket
 
@@ -92,14 +91,13 @@ def main():
         x0 = torch.randn(B, *shape, generator=g, dtype=dtype).to(args.device)
         cond = make_cond(B, g) if make_cond else None
         fine = build_sampler("heun", steps=4 * N).sample(model, x0, cond=cond).samples
-        per = lambda s: ((s - fine).flatten(1).norm(dim=1) / fine.flatten(1).norm(dim=1)).cpu().numpy()
         ref = {}
 
         def row(label, sampler):
             e, e_bucket = leap_errors(sampler, B)
             res = sampler.sample(model, x0, cond=cond)
-            out, nfe = per(res.samples), res.stats.total_nfe
-            err = float((res.samples - fine).norm() / fine.norm())
+            out, nfe = sample_errors(res.samples, fine).cpu().numpy(), res.stats.total_nfe
+            err = relative_error(res.samples, fine)
             sq = np.sort(out**2)[::-1]
             moved = (float((res.samples - ref["x"]).norm() / (ref["x"] - fine).norm()) if ref else 0.0)
             prices = "".join(f"  {nfe + mu * e.sum() / B:8.1f}" for mu in args.mu)
